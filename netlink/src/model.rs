@@ -1,0 +1,94 @@
+//! Types shared by every backend: keys, desired configuration, and what a device dump returns.
+
+use std::{fmt, net::SocketAddr, str::FromStr, time::SystemTime};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+pub use ipnet::IpNet;
+
+/// A 32-byte WireGuard key (public, private or preshared). Displayed and parsed as base64, like `wg`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key(pub [u8; 32]);
+
+impl Key {
+    /// Hex form, as the UAPI protocol writes keys.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&STANDARD.encode(self.0))
+    }
+}
+
+/// Keys print as base64 so a private key never lands in a log through `{:?}` by accident of
+/// layout; callers that hold private keys wrap them in [`PrivateKey`], whose `Debug` is redacted.
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({self})")
+    }
+}
+
+/// The error for a string that is not a base64 32-byte key.
+#[derive(Debug, thiserror::Error)]
+#[error("not a WireGuard key: expected 44 characters of base64 encoding 32 bytes")]
+pub struct KeyParseError;
+
+impl FromStr for Key {
+    type Err = KeyParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = STANDARD.decode(s.trim()).map_err(|_| KeyParseError)?;
+        let arr: [u8; 32] = bytes.try_into().map_err(|_| KeyParseError)?;
+        Ok(Key(arr))
+    }
+}
+
+/// A private key. `Debug` never prints it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PrivateKey(pub Key);
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivateKey(<redacted>)")
+    }
+}
+
+/// The desired configuration of one peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub public_key: Key,
+    pub preshared_key: Option<PrivateKey>,
+    pub endpoint: Option<SocketAddr>,
+    /// Persistent keepalive interval in seconds; `None` or `Some(0)` means off.
+    pub persistent_keepalive: Option<u16>,
+    pub allowed_ips: Vec<IpNet>,
+}
+
+/// The desired configuration of one WireGuard device.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DeviceConfig {
+    pub private_key: Option<PrivateKey>,
+    pub listen_port: Option<u16>,
+    pub fwmark: Option<u32>,
+    pub peers: Vec<PeerConfig>,
+}
+
+/// One peer as a device dump reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerState {
+    pub config: PeerConfig,
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// A whole device as a dump reports it (peers merged by public key across dump parts).
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct DeviceState {
+    pub private_key: Option<PrivateKey>,
+    pub public_key: Option<Key>,
+    pub listen_port: u16,
+    pub fwmark: u32,
+    pub peers: Vec<PeerState>,
+}

@@ -1,0 +1,5 @@
+//! Lemonade Nexus: a self-hosted, zero-trust mesh VPN control plane.
+//!
+//! One module per domain. The pure cores (validation, the op-log fold, the permission tree, IPAM)
+//! take time and randomness as arguments and do no IO; the store and the CLI wrap them.
+pub mod keys;

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The project's whole test suite: formatting, lints, every unit, property and integration test
+# (the network-namespace tests need root), and the kernel-WireGuard tests inside User-Mode Linux.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -j2 -- -D warnings
+cargo nextest run --workspace -j2 --no-fail-fast
+
+if [ -x tests/uml/run-kernel-tests.sh ]; then
+    bash tests/uml/run-kernel-tests.sh
+fi
