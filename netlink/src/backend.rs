@@ -2,10 +2,13 @@
 
 use std::fmt;
 
-use crate::model::{DeviceState, Key};
+use crate::{
+    diff::{Capabilities, DesiredStateError, DeviceDiff, diff},
+    model::{DeviceConfig, DeviceState, Key},
+};
 
 /// Which implementation carries the packets.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum BackendKind {
     /// In-kernel WireGuard, programmed over generic netlink.
     Kernel,
@@ -22,10 +25,24 @@ impl fmt::Display for BackendKind {
     }
 }
 
-/// A WireGuard device implementation. Generic (static dispatch) at the call sites on hot paths.
+/// A WireGuard device implementation: the kernel's generic netlink family
+/// (`kernel::KernelBackend`) or a userspace implementation over the UAPI socket.
 ///
-/// The diff type and the full method set are settled by the dataplane work (issue 3); this
-/// skeleton fixes the names both backends share.
+/// How it is used: the controller holds one concrete backend (static dispatch: services are
+/// generic over `B: WgBackend`, never `dyn`) and, for each interface it manages,
+///
+/// 1. calls [`ensure_device`](WgBackend::ensure_device) once (creates the interface if it is
+///    missing, leaves an existing one and its peers alone);
+/// 2. on every change of the desired state, and periodically to correct drift, calls
+///    [`reconcile`](WgBackend::reconcile), which is [`get`](WgBackend::get) (a full dump, merged by
+///    public key), the pure [`diff`] against the desired [`DeviceConfig`] with this backend's
+///    [`capabilities`](WgBackend::capabilities), and [`apply`](WgBackend::apply) of that diff;
+/// 3. on shutdown of an interface it owns, calls [`delete_device`](WgBackend::delete_device).
+///
+/// A backend never replaces the peer set of a live device: `apply` only adds, updates and
+/// removes the peers named in the diff. Addresses, link state, MTU and routes are not part of
+/// this trait; they go through rtnetlink (the `rtnl` module) whatever the backend, because a
+/// userspace device is a TUN link the kernel routes like any other.
 #[allow(async_fn_in_trait)]
 pub trait WgBackend {
     /// The error this backend returns.
@@ -34,9 +51,52 @@ pub trait WgBackend {
     /// Which backend this is, for `status`, `/api/health` and metrics.
     fn kind(&self) -> BackendKind;
 
+    /// What this backend can do (for example remove a single allowed IP). Probed once when the
+    /// backend is built.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Creates the WireGuard interface `ifname` if it does not exist. An existing interface is
+    /// left as it is (its peers are not touched). Does not bring the link up.
+    async fn ensure_device(&self, ifname: &str) -> Result<(), Self::Error>;
+
     /// Reads the device, merging multi-part dumps by public key.
     async fn get(&self, ifname: &str) -> Result<DeviceState, Self::Error>;
 
+    /// Applies a diff computed by [`diff`] (with this backend's capabilities). Never sends
+    /// "replace peers".
+    async fn apply(&self, ifname: &str, diff: &DeviceDiff) -> Result<(), Self::Error>;
+
     /// Removes one peer.
     async fn remove_peer(&self, ifname: &str, peer: &Key) -> Result<(), Self::Error>;
+
+    /// Deletes the interface. Deleting an interface that does not exist is not an error.
+    async fn delete_device(&self, ifname: &str) -> Result<(), Self::Error>;
+
+    /// Brings the device to `desired`: dump, diff, apply. Returns the diff that was applied
+    /// (empty when the device already matched), so the caller can log and count changes.
+    async fn reconcile(
+        &self,
+        ifname: &str,
+        desired: &DeviceConfig,
+    ) -> Result<DeviceDiff, ReconcileError<Self::Error>> {
+        let actual = self.get(ifname).await.map_err(ReconcileError::Backend)?;
+        let changes = diff(&actual, desired, self.capabilities())?;
+        if !changes.is_empty() {
+            self.apply(ifname, &changes)
+                .await
+                .map_err(ReconcileError::Backend)?;
+        }
+        Ok(changes)
+    }
+}
+
+/// Why a reconcile failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError<E: std::error::Error + 'static> {
+    /// The desired state is invalid; nothing was sent to the device.
+    #[error("refusing desired state: {0}")]
+    Desired(#[from] DesiredStateError),
+    /// The backend failed to read or write the device.
+    #[error("backend error: {0}")]
+    Backend(#[source] E),
 }

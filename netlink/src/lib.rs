@@ -7,10 +7,19 @@
 //!
 //! Layout:
 //! - [`model`]: keys, peers, device configuration and dump types shared by every backend.
-//! - [`backend`]: the [`WgBackend`] trait and backend detection.
+//! - [`backend`]: the [`WgBackend`] trait.
+//! - [`diff`]: the pure desired-state diff for peers ([`diff()`]) and the pure model that applies
+//!   it; [`netdiff`] does the same for addresses and routes.
+//! - `kernel`: the kernel backend (generic netlink), its message encoder and dump decoder,
+//!   and kernel detection.
+//! - `rtnl`: links, addresses, routes and policy rules over rtnetlink.
 
 pub mod backend;
+pub mod diff;
 pub mod model;
 
-pub use backend::{BackendKind, WgBackend};
+pub use backend::{BackendKind, ReconcileError, WgBackend};
+pub use diff::{
+    AllowedIpsChange, Capabilities, DesiredStateError, DeviceDiff, PeerChange, PeerUpdate, diff,
+};
 pub use model::{DeviceConfig, DeviceState, Key, PeerConfig, PeerState};

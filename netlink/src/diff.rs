@@ -1,0 +1,279 @@
+//! Pure reconciliation: from what a device reports ([`DeviceState`]) and what it should be
+//! ([`DeviceConfig`]), compute the smallest set of changes ([`DeviceDiff`]).
+//!
+//! Nothing here does IO. The backends turn a [`DeviceDiff`] into netlink messages or UAPI text.
+//!
+//! Rules the diff follows (DESIGN.md §4.2):
+//! - A live device is never sent "replace all peers": peers are added, updated and removed one by
+//!   one, so traffic to unchanged peers never stops.
+//! - Each allowed-IP prefix belongs to exactly one peer of an interface. A desired state that gives
+//!   one prefix to two peers is refused ([`DesiredStateError::DuplicateAllowedIp`]), because the
+//!   kernel would silently move the prefix to whichever peer was written last.
+//! - Fields the desired state leaves unset (`None`) are left alone: an unset endpoint keeps the
+//!   endpoint the device learned from incoming packets (roaming), an unset listen port keeps the
+//!   port the device picked.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::SocketAddr,
+};
+
+use crate::model::{DeviceConfig, DeviceState, IpNet, Key, PeerConfig, PrivateKey};
+
+/// What the device (backend) can do; passed to [`diff`] so it emits only changes the backend
+/// can carry out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Individual allowed IPs can be removed from a peer (`WGALLOWEDIP_F_REMOVE_ME`, Linux 6.16+,
+    /// or a UAPI implementation that supports `remove_allowed_ip`). When false, a peer whose
+    /// allowed IPs lose a prefix gets its whole allowed-IP list replaced.
+    pub allowed_ip_removal: bool,
+}
+
+/// The changes that take a device from its actual state to the desired one.
+///
+/// Applying it never replaces the peer set. An empty diff ([`DeviceDiff::is_empty`]) means the
+/// device already matches.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceDiff {
+    /// New private key, if it changes.
+    pub private_key: Option<PrivateKey>,
+    /// New listen port, if it changes.
+    pub listen_port: Option<u16>,
+    /// New firewall mark, if it changes (`Some(0)` clears it).
+    pub fwmark: Option<u32>,
+    /// Peer changes, in this order: removals, then updates, then additions.
+    pub peers: Vec<PeerChange>,
+}
+
+impl DeviceDiff {
+    /// True when nothing needs to change.
+    pub fn is_empty(&self) -> bool {
+        self.private_key.is_none()
+            && self.listen_port.is_none()
+            && self.fwmark.is_none()
+            && self.peers.is_empty()
+    }
+
+    /// True when a device attribute (key, port, fwmark) changes.
+    pub fn has_device_changes(&self) -> bool {
+        self.private_key.is_some() || self.listen_port.is_some() || self.fwmark.is_some()
+    }
+}
+
+/// One peer's change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerChange {
+    /// A peer the device does not have yet, with its full configuration.
+    Add(PeerConfig),
+    /// A peer the device has, some of whose settings change.
+    Update(PeerUpdate),
+    /// A peer the device has and should not.
+    Remove(Key),
+}
+
+impl PeerChange {
+    /// The public key of the peer this change is about.
+    pub fn public_key(&self) -> &Key {
+        match self {
+            PeerChange::Add(p) => &p.public_key,
+            PeerChange::Update(u) => &u.public_key,
+            PeerChange::Remove(k) => k,
+        }
+    }
+}
+
+/// The settings of an existing peer that change; `None` fields stay as they are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerUpdate {
+    pub public_key: Key,
+    /// `Some(None)` clears the preshared key, `Some(Some(k))` sets it.
+    pub preshared_key: Option<Option<PrivateKey>>,
+    pub endpoint: Option<SocketAddr>,
+    /// New keepalive interval in seconds; `Some(0)` turns it off.
+    pub persistent_keepalive: Option<u16>,
+    pub allowed_ips: AllowedIpsChange,
+}
+
+/// How a peer's allowed IPs change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum AllowedIpsChange {
+    /// They stay as they are.
+    #[default]
+    Unchanged,
+    /// Remove these prefixes one by one (needs [`Capabilities::allowed_ip_removal`]) and add
+    /// these. Both lists are sorted.
+    Incremental { remove: Vec<IpNet>, add: Vec<IpNet> },
+    /// Replace the peer's whole list with this one (sorted).
+    Replace(Vec<IpNet>),
+}
+
+/// Why a desired state cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DesiredStateError {
+    /// Two peers claim the same allowed-IP prefix.
+    #[error(
+        "allowed IP {prefix} is given to two peers, {first} and {second}; each prefix must belong to exactly one peer of an interface"
+    )]
+    DuplicateAllowedIp {
+        prefix: IpNet,
+        first: Key,
+        second: Key,
+    },
+    /// The same public key appears twice among the desired peers.
+    #[error("peer {0} appears twice in the desired state")]
+    DuplicatePeer(Key),
+}
+
+/// Computes the changes that take `actual` to `desired`. See the module documentation for the
+/// rules. The cost is linear in the number of peers and allowed IPs.
+pub fn diff(
+    actual: &DeviceState,
+    desired: &DeviceConfig,
+    caps: Capabilities,
+) -> Result<DeviceDiff, DesiredStateError> {
+    check_desired(desired)?;
+
+    let mut out = DeviceDiff::default();
+    if let Some(key) = &desired.private_key
+        && actual.private_key.as_ref() != Some(key)
+    {
+        out.private_key = Some(key.clone());
+    }
+    if let Some(port) = desired.listen_port
+        && actual.listen_port != port
+    {
+        out.listen_port = Some(port);
+    }
+    if let Some(mark) = desired.fwmark
+        && actual.fwmark != mark
+    {
+        out.fwmark = Some(mark);
+    }
+
+    let actual_by_key: HashMap<&Key, &PeerConfig> = actual
+        .peers
+        .iter()
+        .map(|p| (&p.config.public_key, &p.config))
+        .collect();
+    let desired_keys: BTreeSet<&Key> = desired.peers.iter().map(|p| &p.public_key).collect();
+
+    // Removals first, in key order so the output is deterministic.
+    let mut removals: Vec<&Key> = actual
+        .peers
+        .iter()
+        .map(|p| &p.config.public_key)
+        .filter(|k| !desired_keys.contains(k))
+        .collect();
+    removals.sort();
+    removals.dedup();
+    out.peers
+        .extend(removals.into_iter().map(|k| PeerChange::Remove(*k)));
+
+    let mut additions = Vec::new();
+    for want in &desired.peers {
+        match actual_by_key.get(&want.public_key) {
+            None => additions.push(PeerChange::Add(normalized(want))),
+            Some(have) => {
+                if let Some(update) = peer_update(have, want, caps) {
+                    out.peers.push(PeerChange::Update(update));
+                }
+            }
+        }
+    }
+    out.peers.extend(additions);
+    Ok(out)
+}
+
+/// Refuses duplicate peers and prefixes given to two peers.
+pub fn check_desired(desired: &DeviceConfig) -> Result<(), DesiredStateError> {
+    let mut owner: HashMap<IpNet, &Key> = HashMap::new();
+    let mut seen: BTreeSet<&Key> = BTreeSet::new();
+    for peer in &desired.peers {
+        if !seen.insert(&peer.public_key) {
+            return Err(DesiredStateError::DuplicatePeer(peer.public_key));
+        }
+        for net in &peer.allowed_ips {
+            let prefix = net.trunc();
+            match owner.get(&prefix) {
+                Some(first) if **first != peer.public_key => {
+                    return Err(DesiredStateError::DuplicateAllowedIp {
+                        prefix,
+                        first: **first,
+                        second: peer.public_key,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    owner.insert(prefix, &peer.public_key);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The canonical form of an allowed-IP list: host bits cleared (the kernel stores and reports
+/// prefixes that way), sorted, without duplicates.
+pub fn canonical_allowed_ips(ips: &[IpNet]) -> Vec<IpNet> {
+    let set: BTreeSet<IpNet> = ips.iter().map(IpNet::trunc).collect();
+    set.into_iter().collect()
+}
+
+/// A keepalive of `None` and `Some(0)` both mean off.
+fn keepalive(k: Option<u16>) -> u16 {
+    k.unwrap_or(0)
+}
+
+/// An all-zero preshared key is how the kernel reports "no preshared key".
+fn psk(k: &Option<PrivateKey>) -> Option<&PrivateKey> {
+    k.as_ref().filter(|k| k.0.0 != [0u8; 32])
+}
+
+fn normalized(peer: &PeerConfig) -> PeerConfig {
+    PeerConfig {
+        public_key: peer.public_key,
+        preshared_key: psk(&peer.preshared_key).cloned(),
+        endpoint: peer.endpoint,
+        persistent_keepalive: match keepalive(peer.persistent_keepalive) {
+            0 => None,
+            k => Some(k),
+        },
+        allowed_ips: canonical_allowed_ips(&peer.allowed_ips),
+    }
+}
+
+fn peer_update(have: &PeerConfig, want: &PeerConfig, caps: Capabilities) -> Option<PeerUpdate> {
+    let mut update = PeerUpdate {
+        public_key: want.public_key,
+        preshared_key: None,
+        endpoint: None,
+        persistent_keepalive: None,
+        allowed_ips: AllowedIpsChange::Unchanged,
+    };
+    if psk(&have.preshared_key) != psk(&want.preshared_key) {
+        update.preshared_key = Some(psk(&want.preshared_key).cloned());
+    }
+    if want.endpoint.is_some() && want.endpoint != have.endpoint {
+        update.endpoint = want.endpoint;
+    }
+    if keepalive(have.persistent_keepalive) != keepalive(want.persistent_keepalive) {
+        update.persistent_keepalive = Some(keepalive(want.persistent_keepalive));
+    }
+    let have_ips: BTreeSet<IpNet> = have.allowed_ips.iter().map(IpNet::trunc).collect();
+    let want_ips: BTreeSet<IpNet> = want.allowed_ips.iter().map(IpNet::trunc).collect();
+    if have_ips != want_ips {
+        let remove: Vec<IpNet> = have_ips.difference(&want_ips).copied().collect();
+        let add: Vec<IpNet> = want_ips.difference(&have_ips).copied().collect();
+        update.allowed_ips = if remove.is_empty() || caps.allowed_ip_removal {
+            AllowedIpsChange::Incremental { remove, add }
+        } else {
+            AllowedIpsChange::Replace(want_ips.into_iter().collect())
+        };
+    }
+    let unchanged = update.preshared_key.is_none()
+        && update.endpoint.is_none()
+        && update.persistent_keepalive.is_none()
+        && update.allowed_ips == AllowedIpsChange::Unchanged;
+    (!unchanged).then_some(update)
+}
