@@ -18,7 +18,7 @@ use std::{
     net::SocketAddr,
 };
 
-use crate::model::{DeviceConfig, DeviceState, IpNet, Key, PeerConfig, PrivateKey};
+use crate::model::{DeviceConfig, DeviceState, IpNet, Key, PeerConfig, PeerState, PrivateKey};
 
 /// What the device (backend) can do; passed to [`diff`] so it emits only changes the backend
 /// can carry out.
@@ -277,3 +277,110 @@ fn peer_update(have: &PeerConfig, want: &PeerConfig, caps: Capabilities) -> Opti
         && update.allowed_ips == AllowedIpsChange::Unchanged;
     (!unchanged).then_some(update)
 }
+
+/// The pure model of applying a diff the way the kernel does: peers are upserted and removed
+/// one by one, an allowed-IP prefix added to one peer is moved away from any other peer that had
+/// it, and removing a prefix from a peer only removes it if that peer owns it. Counters and
+/// handshake times of untouched peers are kept; new peers start at zero.
+///
+/// Used by property tests (`diff` then `apply` reaches the desired state) and by the encoder's
+/// tests as the reference the kernel-message model must agree with.
+pub fn apply(actual: &DeviceState, diff: &DeviceDiff) -> DeviceState {
+    let mut state = actual.clone();
+    if let Some(key) = &diff.private_key {
+        if state.private_key.as_ref() != Some(key) {
+            // The public key follows from the private key; the model does not derive it.
+            state.public_key = None;
+        }
+        state.private_key = Some(key.clone());
+    }
+    if let Some(port) = diff.listen_port {
+        state.listen_port = port;
+    }
+    if let Some(mark) = diff.fwmark {
+        state.fwmark = mark;
+    }
+    for change in &diff.peers {
+        match change {
+            PeerChange::Remove(key) => state.peers.retain(|p| p.config.public_key != *key),
+            PeerChange::Add(peer) => {
+                let idx = peer_index_or_insert(&mut state, &peer.public_key);
+                let cfg = &mut state.peers[idx].config;
+                cfg.preshared_key = psk(&peer.preshared_key).cloned();
+                if peer.endpoint.is_some() {
+                    cfg.endpoint = peer.endpoint;
+                }
+                cfg.persistent_keepalive = peer.persistent_keepalive.filter(|k| *k != 0);
+                add_allowed_ips(&mut state, idx, &peer.allowed_ips);
+            }
+            PeerChange::Update(u) => {
+                let idx = peer_index_or_insert(&mut state, &u.public_key);
+                let cfg = &mut state.peers[idx].config;
+                if let Some(k) = &u.preshared_key {
+                    cfg.preshared_key = k.clone();
+                }
+                if u.endpoint.is_some() {
+                    cfg.endpoint = u.endpoint;
+                }
+                if let Some(k) = u.persistent_keepalive {
+                    cfg.persistent_keepalive = (k != 0).then_some(k);
+                }
+                match &u.allowed_ips {
+                    AllowedIpsChange::Unchanged => {}
+                    AllowedIpsChange::Incremental { remove, add } => {
+                        let remove: BTreeSet<IpNet> = remove.iter().map(IpNet::trunc).collect();
+                        cfg.allowed_ips.retain(|n| !remove.contains(&n.trunc()));
+                        add_allowed_ips(&mut state, idx, add);
+                    }
+                    AllowedIpsChange::Replace(list) => {
+                        cfg.allowed_ips.clear();
+                        add_allowed_ips(&mut state, idx, list);
+                    }
+                }
+            }
+        }
+    }
+    state
+}
+
+fn peer_index_or_insert(state: &mut DeviceState, key: &Key) -> usize {
+    if let Some(i) = state.peers.iter().position(|p| p.config.public_key == *key) {
+        return i;
+    }
+    state.peers.push(PeerState {
+        config: PeerConfig {
+            public_key: *key,
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: None,
+            allowed_ips: Vec::new(),
+        },
+        last_handshake: None,
+        rx_bytes: 0,
+        tx_bytes: 0,
+    });
+    state.peers.len() - 1
+}
+
+/// Adds prefixes to peer `idx`, moving each away from any other peer that had it (what the
+/// kernel's allowedips trie does).
+fn add_allowed_ips(state: &mut DeviceState, idx: usize, ips: &[IpNet]) {
+    let add: BTreeSet<IpNet> = ips.iter().map(IpNet::trunc).collect();
+    if add.is_empty() {
+        return;
+    }
+    for (i, peer) in state.peers.iter_mut().enumerate() {
+        if i != idx {
+            peer.config
+                .allowed_ips
+                .retain(|n| !add.contains(&n.trunc()));
+        }
+    }
+    let cfg = &mut state.peers[idx].config;
+    let mut all: BTreeSet<IpNet> = cfg.allowed_ips.iter().map(IpNet::trunc).collect();
+    all.extend(add);
+    cfg.allowed_ips = all.into_iter().collect();
+}
+
+#[cfg(test)]
+mod tests;

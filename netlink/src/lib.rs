@@ -17,6 +17,10 @@
 pub mod backend;
 pub mod diff;
 pub mod model;
+pub mod netdiff;
+
+#[cfg(test)]
+mod testutil;
 
 pub use backend::{BackendKind, ReconcileError, WgBackend};
 pub use diff::{
