@@ -18,6 +18,7 @@ pub mod backend;
 pub mod diff;
 pub mod model;
 pub mod netdiff;
+pub mod uapi;
 
 #[cfg(test)]
 mod testutil;
