@@ -109,22 +109,42 @@ pub struct Header<'a> {
 
 /// Signs `payload` (already deterministic CBOR) and returns the envelope bytes.
 pub fn seal(key: &Ed25519KeyPair, header: &Header<'_>, payload: &[u8]) -> Vec<u8> {
-    let signer: [u8; 32] = key
-        .public_key()
-        .as_ref()
-        .try_into()
-        .expect("Ed25519 public key is 32 bytes");
+    let signer = PublicKey(
+        key.public_key()
+            .as_ref()
+            .try_into()
+            .expect("Ed25519 public key is 32 bytes"),
+    );
+    let mut out = unsigned_prefix(&signer, header, payload);
+    let sig = key.sign(&signed_message(header.tag, &out[1..]));
+    push_bytes(&mut out, sig.as_ref());
+    out
+}
+
+/// Builds envelope bytes from their parts and a detached signature (nothing is checked here; pass
+/// the result to [`verify`]). Used to re-check an author's signature kept apart from its payload.
+pub fn assemble(
+    signer: &PublicKey,
+    header: &Header<'_>,
+    payload: &[u8],
+    signature: &[u8; 64],
+) -> Vec<u8> {
+    let mut out = unsigned_prefix(signer, header, payload);
+    push_bytes(&mut out, signature);
+    out
+}
+
+/// The envelope up to (not including) the signature, with the 8-item array head.
+fn unsigned_prefix(signer: &PublicKey, header: &Header<'_>, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + header.tag.len() + 140);
     out.push(0x88); // array(8)
     push_text(&mut out, header.tag);
     push_uint(&mut out, 0, SCHEMA_VERSION);
-    push_bytes(&mut out, &signer);
+    push_bytes(&mut out, signer.as_bytes());
     push_uint(&mut out, 0, header.issued_at_ms);
     push_uint(&mut out, 0, header.expires_at_ms);
     push_uint(&mut out, 0, header.nonce);
     push_bytes(&mut out, payload);
-    let sig = key.sign(&signed_message(header.tag, &out[1..]));
-    push_bytes(&mut out, sig.as_ref());
     out
 }
 
