@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -j2 -- -D warnings
 cargo nextest run --workspace -j2 --no-fail-fast
+python3 benches/dashboard/test_dashboard.py   # benchmark harness + dashboard in headless Chromium
 
 if [ -x tests/uml/run-kernel-tests.sh ]; then
     bash tests/uml/run-kernel-tests.sh

@@ -9,7 +9,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
     gcc make pkg-config ca-certificates \
     iproute2 iputils-ping nftables netcat-openbsd procps \
-    wireguard-tools wireguard-go \
+    wireguard-tools wireguard-go python3 chromium \
     >/dev/null
 
 if [ -x tests/uml/setup.sh ]; then

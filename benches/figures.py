@@ -1,0 +1,414 @@
+"""The one place that says what every benchmark measures and how its raw output becomes figures.
+
+`benches/run.py` runs the benchmarks listed in BENCHMARKS and turns their raw outputs into figures
+with the sources below; the dashboard and the README table only read the resulting records. To add a
+benchmark: add its `[[bench]]` to Cargo.toml, then a `Bench(...)` entry here.
+
+Raw outputs, per benchmark run:
+- criterion: `target/criterion/**/new/estimates.json` (+ `benchmark.json`), indexed by criterion's
+  full id ("group/function/parameter"), e.g. "ops/verify_apply".
+- summaries: `target/bench-results/<file>.json`, written by benches that count things (messages,
+  bytes) or that time work criterion cannot (whole processes, root-only kernel work).
+
+Every figure is measured beside an in-run reference (same machine, same run) and reported with the
+ratio figure / reference. A goal, where an issue states one, applies either to that ratio
+(`on="ratio"`) or to the figure itself (`on="value"`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+# ----------------------------------------------------------------------------- raw outputs
+
+
+@dataclass
+class Raw:
+    """What one benchmark run left behind (only outputs written during that run)."""
+
+    # criterion full id -> {"mean_ns", "median_ns", "elements", "bytes"}
+    criterion: dict[str, dict] = field(default_factory=dict)
+    # summary file name (without .json) -> parsed JSON
+    summaries: dict[str, object] = field(default_factory=dict)
+
+
+Source = Callable[[Raw], Optional[float]]
+
+
+def crit_rate(full_id: str, per_iter: float | None = None, stat: str = "mean_ns") -> Source:
+    """Items per second of a criterion benchmark: its Throughput::Elements (or `per_iter`) / time."""
+
+    def get(raw: Raw) -> Optional[float]:
+        r = raw.criterion.get(full_id)
+        if not r or not r.get(stat):
+            return None
+        n = per_iter if per_iter is not None else (r.get("elements") or 1)
+        return n / (r[stat] * 1e-9)
+
+    get.__doc__ = f"criterion {full_id}: items/s"
+    return get
+
+
+def crit_time(full_id: str, unit: str = "ms", stat: str = "mean_ns") -> Source:
+    """Time per iteration of a criterion benchmark, in `unit` (ns, us, ms, s)."""
+    div = {"ns": 1.0, "us": 1e3, "µs": 1e3, "ms": 1e6, "s": 1e9}[unit]
+
+    def get(raw: Raw) -> Optional[float]:
+        r = raw.criterion.get(full_id)
+        if not r or r.get(stat) is None:
+            return None
+        return r[stat] / div
+
+    get.__doc__ = f"criterion {full_id}: time per iteration ({unit})"
+    return get
+
+
+def summary(file: str, *path: str | int, scale: float = 1.0) -> Source:
+    """A number inside target/bench-results/<file>.json, found by keys/indices; times `scale`."""
+
+    def get(raw: Raw) -> Optional[float]:
+        node = raw.summaries.get(file)
+        for key in path:
+            if isinstance(node, dict) and key in node:
+                node = node[key]
+            elif isinstance(node, list) and isinstance(key, int) and -len(node) <= key < len(node):
+                node = node[key]
+            else:
+                return None
+        if isinstance(node, bool) or not isinstance(node, (int, float)):
+            return None
+        return float(node) * scale
+
+    get.__doc__ = f"target/bench-results/{file}.json: {'.'.join(map(str, path))}"
+    return get
+
+
+def summary_row(file: str, list_key: str, match: dict, value_key: str, scale: float = 1.0) -> Source:
+    """A number in the row of a list (summary[list_key]) whose fields equal `match`."""
+
+    def get(raw: Raw) -> Optional[float]:
+        node = raw.summaries.get(file)
+        rows = node.get(list_key) if isinstance(node, dict) else None
+        for row in rows if isinstance(rows, list) else []:
+            if isinstance(row, dict) and all(row.get(k) == v for k, v in match.items()):
+                v = row.get(value_key)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    return float(v) * scale
+        return None
+
+    get.__doc__ = f"target/bench-results/{file}.json: {list_key}[{match}].{value_key}"
+    return get
+
+
+# ----------------------------------------------------------------------------- figure specs
+
+
+@dataclass
+class Goal:
+    on: str  # "ratio" (figure / reference) or "value" (the figure itself, in its unit)
+    op: str  # ">=", "<=", "<", ">"
+    value: float
+    text: str  # how a person says it: "≥ 70% of raw verify rate"
+    at_n: Optional[int] = None  # for a series: the N the goal is stated for (None: every N)
+
+
+@dataclass
+class Reference:
+    label: str
+    source: Source
+    unit: str
+
+
+@dataclass
+class Figure:
+    id: str  # stable across runs: the trend charts join runs on it
+    label: str
+    unit: str
+    better: str  # "higher" or "lower"
+    source: Source
+    reference: Optional[Reference] = None
+    goal: Optional[Goal] = None
+    ratio_label: str = ""  # what the ratio means, e.g. "of the raw verify rate"
+    note: str = ""
+    # A point of a scaling series (cost against N): figures sharing `series` form one curve.
+    series: Optional[str] = None
+    series_label: str = ""
+    n: Optional[int] = None
+    n_label: str = "N"
+
+
+@dataclass
+class Bench:
+    id: str  # the cargo bench name (benches/<id>.rs, [[bench]] name = "<id>")
+    title: str
+    issue: int
+    description: str
+    figures: list[Figure]
+    kind: str = "criterion"  # "criterion" or "main" (a plain main that writes a summary)
+    root_only: bool = False
+    # Extra command-line arguments for the bench binary (after `--`), per mode.
+    quick_args: tuple[str, ...] = ()
+    full_args: tuple[str, ...] = ()
+    # Environment for the bench, per mode (plain-main benches read their own knobs).
+    quick_env: dict[str, str] = field(default_factory=dict)
+
+
+CRITERION_QUICK = ("--quick", "--noplot", "--measurement-time", "2")
+CRITERION_FULL = ("--noplot",)
+
+
+def series(
+    prefix: str,
+    ns: tuple[int, ...],
+    *,
+    label: str,
+    unit: str,
+    better: str,
+    source: Callable[[int], Source],
+    reference: Optional[Callable[[int], Reference]] = None,
+    goal: Optional[Goal] = None,
+    ratio_label: str = "",
+    n_label: str = "N",
+    note: str = "",
+) -> list[Figure]:
+    """The same figure at several N: one Figure per N, id "<prefix>.n<N>"."""
+    return [
+        Figure(
+            id=f"{prefix}.n{n}",
+            label=f"{label}, N = {n:,}",
+            unit=unit,
+            better=better,
+            source=source(n),
+            reference=reference(n) if reference else None,
+            goal=goal if goal is None or goal.at_n in (None, n) else None,
+            ratio_label=ratio_label,
+            note=note,
+            series=prefix,
+            series_label=label,
+            n=n,
+            n_label=n_label,
+        )
+        for n in ns
+    ]
+
+
+# ----------------------------------------------------------------------------- the benchmarks
+
+PEER_NS = (1_000, 10_000, 50_000)
+
+BENCHMARKS: list[Bench] = [
+    Bench(
+        id="state_ops",
+        title="Signed op log: verify, apply, commit",
+        issue=2,
+        description=(
+            "Signed ops verified (Ed25519) and folded into the state on one core, against the raw "
+            "Ed25519 verification rate of the same run; and ops committed to redb with several ops "
+            "per write transaction against one op per transaction."
+        ),
+        figures=[
+            Figure(
+                id="state_ops.verify_apply",
+                label="Signed ops verified and applied (one core)",
+                unit="ops/s",
+                better="higher",
+                source=crit_rate("ops/verify_apply"),
+                reference=Reference("raw Ed25519 verify", crit_rate("ops/raw_ed25519_verify"), "verifies/s"),
+                goal=Goal("ratio", ">=", 0.70, "≥ 70% of the raw verify rate"),
+                ratio_label="of the raw Ed25519 verify rate",
+            ),
+            Figure(
+                id="state_ops.redb_grouped",
+                label="Ops committed to redb, grouped transactions",
+                unit="ops/s",
+                better="higher",
+                source=crit_rate("redb/commit_grouped"),
+                reference=Reference("one op per transaction", crit_rate("redb/commit_single"), "ops/s"),
+                ratio_label="the rate with one op per transaction",
+            ),
+        ],
+        quick_args=CRITERION_QUICK,
+        full_args=CRITERION_FULL,
+    ),
+    Bench(
+        id="state_ipam",
+        title="IPAM: tunnel address allocation",
+        issue=2,
+        description=(
+            "Tunnel address allocations per second with 100,000 addresses already allocated, against "
+            "allocations into an empty pool in the same run (the ratio shows how allocation cost "
+            "grows with occupancy)."
+        ),
+        figures=[
+            Figure(
+                id="state_ipam.alloc_100k",
+                label="Tunnel address allocations with 100k allocated",
+                unit="allocs/s",
+                better="higher",
+                source=crit_rate("ipam/allocate_with_100k"),
+                reference=Reference("allocations into an empty pool", crit_rate("ipam/allocate_empty"), "allocs/s"),
+                ratio_label="of the empty-pool rate",
+            ),
+        ],
+        quick_args=CRITERION_QUICK,
+        full_args=CRITERION_FULL,
+    ),
+    Bench(
+        id="netlink_encode",
+        title="Kernel encoder: netlink messages for N peers",
+        issue=3,
+        description=(
+            "Messages and bytes the kernel backend's encoder needs to program N peers (split at the "
+            "message budget), against a one-peer-per-message encoder (what wgctrl-go and defguard do), "
+            "and the encoder's own speed."
+        ),
+        figures=[
+            *series(
+                "netlink_encode.messages",
+                PEER_NS,
+                label="Netlink messages to program N peers",
+                unit="messages",
+                better="lower",
+                source=lambda n: summary_row("netlink_encode", "rows", {"peers": n}, "messages"),
+                reference=lambda n: Reference(
+                    "one peer per message", summary_row("netlink_encode", "rows", {"peers": n}, "one_per_message_messages"), "messages"
+                ),
+                ratio_label="of one-peer-per-message",
+                n_label="peers (N)",
+            ),
+            *series(
+                "netlink_encode.bytes",
+                PEER_NS,
+                label="Netlink bytes to program N peers",
+                unit="KiB",
+                better="lower",
+                source=lambda n: summary_row("netlink_encode", "rows", {"peers": n}, "bytes", scale=1 / 1024),
+                reference=lambda n: Reference(
+                    "one peer per message",
+                    summary_row("netlink_encode", "rows", {"peers": n}, "one_per_message_bytes", scale=1 / 1024),
+                    "KiB",
+                ),
+                ratio_label="of one-peer-per-message",
+                n_label="peers (N)",
+            ),
+        ],
+        quick_args=CRITERION_QUICK,
+        full_args=CRITERION_FULL,
+    ),
+    Bench(
+        id="netlink_setconf",
+        title="Programming N peers: ours against wg setconf",
+        issue=3,
+        kind="main",
+        root_only=True,
+        description=(
+            "Time to program N peers into an empty device through our crate, against `wg setconf` of "
+            "the same configuration on the same backend in the same run (goal: no slower than "
+            "wireguard-tools); and one incremental change on a device that already has N peers "
+            "(goal: flat in N, under 2 ms at 50,000)."
+        ),
+        figures=[
+            *series(
+                "netlink_setconf.userspace_program",
+                PEER_NS,
+                label="Program N peers, userspace backend (wireguard-go)",
+                unit="ms",
+                better="lower",
+                source=lambda n: summary_row("netlink_setconf", "rows", {"backend": "userspace", "peers": n}, "ours_ms"),
+                reference=lambda n: Reference(
+                    "wg setconf", summary_row("netlink_setconf", "rows", {"backend": "userspace", "peers": n}, "wg_setconf_ms"), "ms"
+                ),
+                goal=Goal("ratio", "<=", 1.0, "≤ 1.0× wg setconf"),
+                ratio_label="of the wg setconf time",
+                n_label="peers (N)",
+            ),
+            *series(
+                "netlink_setconf.kernel_program",
+                PEER_NS,
+                label="Program N peers, kernel backend (User-Mode Linux)",
+                unit="ms",
+                better="lower",
+                source=lambda n: summary_row("netlink_setconf", "rows", {"backend": "kernel", "peers": n}, "ours_ms"),
+                reference=lambda n: Reference(
+                    "wg setconf", summary_row("netlink_setconf", "rows", {"backend": "kernel", "peers": n}, "wg_setconf_ms"), "ms"
+                ),
+                goal=Goal("ratio", "<=", 1.0, "≤ 1.0× wg setconf"),
+                ratio_label="of the wg setconf time",
+                n_label="peers (N)",
+            ),
+            *series(
+                "netlink_setconf.userspace_incremental",
+                PEER_NS,
+                label="One incremental change on N peers, userspace backend",
+                unit="ms",
+                better="lower",
+                source=lambda n: summary_row("netlink_setconf", "rows", {"backend": "userspace", "peers": n}, "incremental_ms"),
+                goal=Goal("value", "<", 2.0, "< 2 ms at N = 50,000", at_n=50_000),
+                n_label="peers on the device (N)",
+            ),
+        ],
+        quick_env={"LEMONADE_BENCH_QUICK": "1"},
+    ),
+    Bench(
+        id="join_load",
+        title="Joins: 64 concurrent clients against one server",
+        issue=4,
+        kind="main",
+        root_only=True,
+        description=(
+            "Joins per second and join latency with 64 concurrent clients against one server (the "
+            "full server path, including WireGuard peer programming), against GET /api/health "
+            "throughput in the same run. Goal on 2 cores: ≥ 1,000 joins/s, p99 < 50 ms."
+        ),
+        figures=[
+            Figure(
+                id="join_load.joins_per_s",
+                label="Joins per second (64 concurrent clients)",
+                unit="joins/s",
+                better="higher",
+                source=summary("join_load", "joins_per_s"),
+                reference=Reference("GET /api/health", summary("join_load", "health_per_s"), "requests/s"),
+                goal=Goal("value", ">=", 1000, "≥ 1,000 joins/s"),
+                ratio_label="of /api/health throughput",
+            ),
+            Figure(
+                id="join_load.p99_ms",
+                label="Join latency p99",
+                unit="ms",
+                better="lower",
+                source=summary("join_load", "p99_ms"),
+                reference=Reference("join latency p50", summary("join_load", "p50_ms"), "ms"),
+                goal=Goal("value", "<", 50, "p99 < 50 ms"),
+                ratio_label="of the p50 latency",
+            ),
+        ],
+    ),
+    Bench(
+        id="gossip_convergence",
+        title="Gossip: time for an op to reach every server",
+        issue=5,
+        kind="main",
+        root_only=True,
+        description=(
+            "Time for one op to reach all N servers (p50, p99) and bytes sent per server per op, "
+            "against a naive send-to-everyone baseline in the same run. Goal: p99 under 1 s at N = 30."
+        ),
+        figures=[
+            *series(
+                "gossip_convergence.p99",
+                (3, 10, 30),
+                label="Op reaches all N servers, p99",
+                unit="ms",
+                better="lower",
+                source=lambda n: summary_row("gossip_convergence", "rows", {"servers": n}, "p99_ms"),
+                reference=lambda n: Reference(
+                    "naive send-to-everyone", summary_row("gossip_convergence", "rows", {"servers": n}, "naive_p99_ms"), "ms"
+                ),
+                goal=Goal("value", "<", 1000, "p99 < 1 s at N = 30", at_n=30),
+                ratio_label="of the naive baseline's p99",
+                n_label="servers (N)",
+            ),
+        ],
+    ),
+]
