@@ -2,8 +2,13 @@
 //!
 //! One module per domain. The pure cores (validation, the op-log fold, the permission tree, IPAM)
 //! take time and randomness as arguments and do no IO; the store and the CLI wrap them.
+pub mod authz;
 pub mod config;
 pub mod hlc;
 pub mod identity;
+pub mod ipam;
 pub mod keys;
+pub mod op;
 pub mod signed;
+pub mod state;
+pub mod tree;
