@@ -16,6 +16,7 @@
 
 pub mod backend;
 pub mod diff;
+pub mod kernel;
 pub mod model;
 pub mod netdiff;
 pub mod uapi;

@@ -1,0 +1,5 @@
+//! The kernel backend: WireGuard over generic netlink, the link over rtnetlink.
+
+pub mod encode;
+#[cfg(test)]
+pub(crate) mod setmodel;
