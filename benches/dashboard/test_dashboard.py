@@ -303,6 +303,50 @@ def test_every_record_has_the_documented_fields() -> None:
                 assert required_fig <= f.keys(), f["id"]
 
 
+def validate(value, schema: dict, root: dict, where: str = "$") -> list[str]:
+    """A small JSON Schema subset (type, const, enum, required, properties, items, $ref)."""
+    if "$ref" in schema:
+        name = schema["$ref"].removeprefix("#/$defs/")
+        return validate(value, root["$defs"][name], root, where)
+    errors = []
+    types = schema.get("type")
+    if types is not None:
+        kinds = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+        ok = False
+        for t in types if isinstance(types, list) else [types]:
+            if t in ("number", "integer"):
+                ok |= isinstance(value, (int, float)) and not isinstance(value, bool) and (t == "number" or float(value).is_integer())
+            else:
+                ok |= isinstance(value, kinds[t])
+        if not ok:
+            return [f"{where}: {value!r:.60} is not {types}"]
+    if "const" in schema and value != schema["const"]:
+        errors.append(f"{where}: {value!r} != {schema['const']!r}")
+    if "enum" in schema and value not in schema["enum"]:
+        errors.append(f"{where}: {value!r} not in {schema['enum']}")
+    if isinstance(value, dict):
+        errors += [f"{where}: missing {k}" for k in schema.get("required", []) if k not in value]
+        for k, sub in schema.get("properties", {}).items():
+            if k in value:
+                errors += validate(value[k], sub, root, f"{where}.{k}")
+    if isinstance(value, list) and "items" in schema:
+        for i, item in enumerate(value):
+            errors += validate(item, schema["items"], root, f"{where}[{i}]")
+    return errors
+
+
+def test_sample_and_recorded_runs_match_the_json_schema() -> None:
+    schema = json.loads((HERE.parent / "results" / "schema.json").read_text(encoding="utf-8"))
+    files = [SAMPLE] + [p for p in [HERE.parent / "results" / "history.jsonl"] if p.exists()]
+    for path in files:
+        for i, r in enumerate(render.load_history(path)):
+            errors = validate(r, schema, schema)
+            assert not errors, f"{path.name} run {i}: " + "; ".join(errors[:5])
+    # The validator itself rejects a bad record.
+    bad = dict(render.load_history(SAMPLE)[0], mode="fast")
+    assert validate(bad, schema, schema), "schema check accepted mode=fast"
+
+
 # ----------------------------------------------------------------------------- runner
 
 
