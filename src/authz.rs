@@ -94,3 +94,112 @@ pub fn authorize_op(tree: &Tree, author: &PublicKey, body: &OpBody) -> Result<()
         .into_iter()
         .try_for_each(|(permission, target)| authorize(tree, author, permission, target))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hlc::Hlc;
+    use crate::tree::{NodeKind, Permissions};
+
+    const ANCHOR: PublicKey = PublicKey([1; 32]);
+    const ALICE: PublicKey = PublicKey([2; 32]);
+    const MALLORY: PublicKey = PublicKey([3; 32]);
+
+    fn setup() -> (Tree, NodeId, NodeId, NodeId) {
+        let mut tree = Tree::new(ANCHOR);
+        let mk = |tree: &mut Tree, seq, parent, kind, name: &str| {
+            let op = TreeOp::Create {
+                parent,
+                kind,
+                hostname: name.into(),
+                owner: None,
+                wg_pubkey: None,
+            };
+            tree.apply(&op, &ANCHOR, seq, Hlc::default())
+                .expect("create");
+            NodeId::derive(&ANCHOR, seq)
+        };
+        let acme = mk(&mut tree, 1, NodeId::ROOT, NodeKind::Customer, "acme");
+        let laptop = mk(&mut tree, 2, acme, NodeKind::Endpoint, "laptop");
+        let other = mk(&mut tree, 3, NodeId::ROOT, NodeKind::Customer, "other");
+        let grant = TreeOp::Grant {
+            node: acme,
+            key: ALICE,
+            permissions: Permissions::of(&[Permission::EditNode]),
+        };
+        tree.apply(&grant, &ANCHOR, 4, Hlc::default())
+            .expect("grant");
+        (tree, acme, laptop, other)
+    }
+
+    #[test]
+    fn grants_apply_to_the_subtree_only() {
+        let (tree, acme, laptop, other) = setup();
+        assert_eq!(authorize(&tree, &ALICE, Permission::EditNode, acme), Ok(()));
+        assert_eq!(
+            authorize(&tree, &ALICE, Permission::EditNode, laptop),
+            Ok(()),
+            "inherited"
+        );
+        assert!(
+            authorize(&tree, &ALICE, Permission::EditNode, other).is_err(),
+            "sibling subtree"
+        );
+        assert!(
+            authorize(&tree, &ALICE, Permission::EditNode, NodeId::ROOT).is_err(),
+            "not upwards"
+        );
+        assert!(
+            authorize(&tree, &ALICE, Permission::DeleteNode, laptop).is_err(),
+            "other permission"
+        );
+    }
+
+    #[test]
+    fn admin_implies_everything_and_strangers_get_nothing() {
+        let (tree, _, laptop, _) = setup();
+        for p in Permission::ALL {
+            assert_eq!(authorize(&tree, &ANCHOR, p, laptop), Ok(()));
+            assert_eq!(
+                authorize(&tree, &MALLORY, p, laptop),
+                Err(Denied::Lacks {
+                    actor: MALLORY,
+                    permission: p,
+                    target: laptop
+                })
+            );
+        }
+        assert_eq!(
+            authorize(&tree, &ANCHOR, Permission::Read, NodeId([7; 16])),
+            Err(Denied::NoSuchNode(NodeId([7; 16])))
+        );
+    }
+
+    #[test]
+    fn the_table_names_both_ends_of_a_move() {
+        let (tree, acme, laptop, other) = setup();
+        let body = OpBody::Tree(TreeOp::Move {
+            node: laptop,
+            new_parent: other,
+        });
+        assert_eq!(
+            required(&body),
+            vec![
+                (Permission::DeleteNode, laptop),
+                (Permission::AddChild, other)
+            ]
+        );
+        assert!(authorize_op(&tree, &ALICE, &body).is_err());
+        let edit = OpBody::Tree(TreeOp::Update {
+            node: laptop,
+            field: crate::tree::NodeField::Hostname("x".into()),
+        });
+        assert_eq!(authorize_op(&tree, &ALICE, &edit), Ok(()));
+        let claim = OpBody::Ipam(IpamOp::ClaimBlock { block: 0 });
+        assert_eq!(
+            required(&claim),
+            vec![(Permission::AllocateIp, NodeId::ROOT)]
+        );
+        let _ = acme;
+    }
+}

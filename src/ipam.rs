@@ -1004,3 +1004,422 @@ mod as_text {
         text.parse().map_err(D::Error::custom)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tree::TreeOp;
+
+    const ANCHOR: PublicKey = PublicKey([1; 32]);
+    const S1: PublicKey = PublicKey([11; 32]);
+    const S2: PublicKey = PublicKey([12; 32]);
+
+    fn hlc(ms: u64) -> Hlc {
+        Hlc {
+            wall_ms: ms,
+            logical: 0,
+        }
+    }
+
+    fn ctx(server: &PublicKey, ms: u64) -> OpCtx<'_> {
+        OpCtx {
+            origin: server,
+            author: server,
+            hlc: hlc(ms),
+        }
+    }
+
+    /// A tree with `n` endpoints (seq 1..=n) and a customer (seq 1000); returns their ids.
+    fn tree_with(n: u64) -> (Tree, Vec<NodeId>, NodeId) {
+        let mut tree = Tree::new(ANCHOR);
+        let mut ids = Vec::new();
+        for seq in 1..=n {
+            let op = TreeOp::Create {
+                parent: NodeId::ROOT,
+                kind: NodeKind::Endpoint,
+                hostname: format!("e{seq}"),
+                owner: None,
+                wg_pubkey: None,
+            };
+            tree.apply(&op, &ANCHOR, seq, Hlc::default())
+                .expect("create");
+            ids.push(NodeId::derive(&ANCHOR, seq));
+        }
+        let op = TreeOp::Create {
+            parent: NodeId::ROOT,
+            kind: NodeKind::Customer,
+            hostname: "cust".into(),
+            owner: None,
+            wg_pubkey: None,
+        };
+        tree.apply(&op, &ANCHOR, 1000, Hlc::default())
+            .expect("create");
+        (tree, ids, NodeId::derive(&ANCHOR, 1000))
+    }
+
+    /// A small pool: tunnel /24 in 4 blocks of 64, grace 1000 ms, tiny subnet pools and backbone.
+    fn small() -> IpamConfig {
+        IpamConfig {
+            tunnel_v4: "10.64.0.0/24".parse().expect("net"),
+            tunnel_v6: "fd6c:6e00::/48".parse().expect("net"),
+            block_len: 26,
+            reserved_low: 10,
+            reuse_grace_ms: 1000,
+            private: "10.128.0.0/24".parse().expect("net"),
+            private_len: LenRange { min: 25, max: 30 },
+            shared: "172.20.0.0/24".parse().expect("net"),
+            shared_len: LenRange { min: 28, max: 30 },
+            backbone: "172.16.0.0/28".parse().expect("net"),
+            backbone_reserved_low: 2,
+        }
+    }
+
+    #[test]
+    fn default_config_is_valid_and_maps_slots_to_address_pairs() {
+        let cfg = IpamConfig::default();
+        cfg.validate().expect("defaults valid");
+        assert_eq!(cfg.slot_count(), 1 << 22);
+        assert_eq!(cfg.block_count(), 1 << 14);
+        let a = cfg.address_of(10);
+        assert_eq!(a.v4, Ipv4Addr::new(10, 64, 0, 10));
+        assert_eq!(a.v6, "fd6c:6e00::a".parse::<Ipv6Addr>().expect("v6"));
+        assert_eq!(cfg.address_of(256 + 5).v4, Ipv4Addr::new(10, 64, 1, 5));
+        assert!(
+            cfg.is_reserved(0) && cfg.is_reserved(1) && cfg.is_reserved(9) && !cfg.is_reserved(10)
+        );
+        assert!(cfg.is_reserved(cfg.slot_count() - 1), "broadcast");
+        assert_eq!(cfg.reserved_in_block(0), 10);
+        assert_eq!(cfg.reserved_in_block(1), 0);
+        assert_eq!(cfg.reserved_in_block(cfg.block_count() - 1), 1);
+    }
+
+    #[test]
+    fn bad_configs_name_the_option() {
+        let cases: [(fn(&mut IpamConfig), &str); 6] = [
+            (
+                |c| c.tunnel_v4 = "10.64.0.0/26".parse().expect("net"),
+                "tunnel_v4",
+            ),
+            (|c| c.block_len = 31, "block_len"),
+            (
+                |c| c.private_len = LenRange { min: 8, max: 30 },
+                "private_len",
+            ),
+            (
+                |c| c.shared_len = LenRange { min: 20, max: 32 },
+                "shared_len",
+            ),
+            (
+                |c| c.private = "10.0.0.0/8".parse().expect("net"),
+                "overlaps",
+            ),
+            (
+                |c| c.tunnel_v6 = "fd6c:6e00::/120".parse().expect("net"),
+                "tunnel_v6",
+            ),
+        ];
+        for (break_it, word) in cases {
+            let mut cfg = IpamConfig::default();
+            break_it(&mut cfg);
+            let err = cfg.validate().expect_err("must be refused");
+            assert!(err.contains(word), "{err:?} should mention {word}");
+        }
+    }
+
+    #[test]
+    fn leases_only_inside_the_origins_blocks() {
+        let (tree, ids, _) = tree_with(3);
+        let mut ipam = Ipam::new(small());
+        let alloc = |node, slot| IpamOp::AllocateAddress { node, slot };
+        assert_eq!(
+            ipam.apply(&alloc(ids[0], 10), ctx(&S1, 1), &tree),
+            Err(IpamError::NotYourBlock(0))
+        );
+        ipam.apply(&IpamOp::ClaimBlock { block: 0 }, ctx(&S1, 2), &tree)
+            .expect("claim");
+        assert_eq!(
+            ipam.apply(&IpamOp::ClaimBlock { block: 0 }, ctx(&S2, 3), &tree),
+            Err(IpamError::BlockTaken {
+                block: 0,
+                holder: S1
+            })
+        );
+        let on_behalf = OpCtx {
+            origin: &S2,
+            author: &ANCHOR,
+            hlc: hlc(4),
+        };
+        assert_eq!(
+            ipam.apply(&IpamOp::ClaimBlock { block: 1 }, on_behalf, &tree),
+            Err(IpamError::NotOwnBlock)
+        );
+        assert_eq!(
+            ipam.apply(&alloc(ids[0], 5), ctx(&S1, 5), &tree),
+            Err(IpamError::BadSlot(5))
+        );
+        assert_eq!(
+            ipam.apply(&alloc(ids[0], 10), ctx(&S2, 6), &tree),
+            Err(IpamError::NotYourBlock(0))
+        );
+        ipam.apply(&alloc(ids[0], 10), ctx(&S1, 7), &tree)
+            .expect("lease");
+        assert!(matches!(
+            ipam.apply(&alloc(ids[1], 10), ctx(&S1, 8), &tree),
+            Err(IpamError::SlotTaken(_))
+        ));
+        assert!(matches!(
+            ipam.apply(&alloc(ids[0], 11), ctx(&S1, 9), &tree),
+            Err(IpamError::AlreadyHas(..))
+        ));
+        assert_eq!(
+            ipam.tunnel_address(&ids[0]).map(|a| a.v4),
+            Some(Ipv4Addr::new(10, 64, 0, 10))
+        );
+        assert_eq!(
+            ipam.apply(&IpamOp::ReleaseBlock { block: 0 }, ctx(&S1, 10), &tree),
+            Err(IpamError::BlockInUse(0))
+        );
+        ipam.check_invariants(&tree).expect("invariants");
+    }
+
+    #[test]
+    fn released_addresses_wait_for_the_grace_period() {
+        let (tree, ids, _) = tree_with(2);
+        let mut ipam = Ipam::new(small());
+        ipam.apply(&IpamOp::ClaimBlock { block: 0 }, ctx(&S1, 1), &tree)
+            .expect("claim");
+        let first = ipam.next_free_address(&S1, hlc(2)).expect("free");
+        assert_eq!(first.slot, 10);
+        ipam.apply(
+            &IpamOp::AllocateAddress {
+                node: ids[0],
+                slot: 10,
+            },
+            ctx(&S1, 2),
+            &tree,
+        )
+        .expect("lease");
+        ipam.apply(
+            &IpamOp::ReleaseAddress { node: ids[0] },
+            ctx(&S1, 100),
+            &tree,
+        )
+        .expect("release");
+        // Within the grace period the proposal skips slot 10 and the fold refuses it.
+        assert_eq!(
+            ipam.next_free_address(&S1, hlc(1099)).expect("free").slot,
+            11
+        );
+        assert!(matches!(
+            ipam.apply(
+                &IpamOp::AllocateAddress {
+                    node: ids[1],
+                    slot: 10
+                },
+                ctx(&S1, 1099),
+                &tree
+            ),
+            Err(IpamError::InGrace {
+                reusable_ms: 1100,
+                ..
+            })
+        ));
+        assert_eq!(
+            ipam.next_free_address(&S1, hlc(1100)).expect("free").slot,
+            10
+        );
+        ipam.apply(
+            &IpamOp::AllocateAddress {
+                node: ids[1],
+                slot: 10,
+            },
+            ctx(&S1, 1100),
+            &tree,
+        )
+        .expect("reuse");
+        assert!(ipam.data().quarantine.is_empty());
+        ipam.check_invariants(&tree).expect("invariants");
+    }
+
+    #[test]
+    fn exhaustion_is_an_error_not_a_panic() {
+        let (tree, ids, _) = tree_with(260);
+        let mut ipam = Ipam::new(small());
+        let mut leased = 0;
+        let mut ms = 0;
+        for node in &ids {
+            ms += 1;
+            let slot = match ipam.next_free_address(&S1, hlc(ms)) {
+                Ok(a) => a.slot,
+                Err(IpamError::BlocksFull) => match ipam.next_block_to_claim(&S1) {
+                    Ok(block) => {
+                        ipam.apply(&IpamOp::ClaimBlock { block }, ctx(&S1, ms), &tree)
+                            .expect("claim");
+                        ipam.next_free_address(&S1, hlc(ms))
+                            .expect("fresh block")
+                            .slot
+                    }
+                    Err(e) => {
+                        assert_eq!(
+                            e,
+                            IpamError::Exhausted("the tunnel pool (every block is claimed)")
+                        );
+                        break;
+                    }
+                },
+                Err(e) => panic!("unexpected {e}"),
+            };
+            ipam.apply(
+                &IpamOp::AllocateAddress { node: *node, slot },
+                ctx(&S1, ms),
+                &tree,
+            )
+            .expect("lease");
+            leased += 1;
+        }
+        // 256 slots minus 10 reserved low minus the broadcast.
+        assert_eq!(leased, 245);
+        assert_eq!(
+            ipam.next_free_address(&S1, hlc(ms)),
+            Err(IpamError::BlocksFull)
+        );
+        ipam.check_invariants(&tree).expect("invariants");
+    }
+
+    #[test]
+    fn block_preference_is_a_per_server_permutation() {
+        let cfg = IpamConfig::default();
+        let ipam = Ipam::new(cfg);
+        let a = ipam.next_block_to_claim(&S1).expect("block");
+        let b = ipam.next_block_to_claim(&S2).expect("block");
+        assert_ne!(a, b, "two servers start in different places");
+        // The order visits every block exactly once.
+        let mut ipam = Ipam::new(small());
+        let tree = Tree::new(ANCHOR);
+        let mut seen = BTreeSet::new();
+        while let Ok(block) = ipam.next_block_to_claim(&S1) {
+            assert!(seen.insert(block));
+            ipam.apply(&IpamOp::ClaimBlock { block }, ctx(&S1, 1), &tree)
+                .expect("claim");
+        }
+        assert_eq!(seen.len(), 4);
+    }
+
+    #[test]
+    fn subnets_are_aligned_bounded_and_never_overlap() {
+        let (tree, ids, cust) = tree_with(2);
+        let mut ipam = Ipam::new(small());
+        let private = SubnetPool::Private;
+        let s = |text: &str| {
+            let net: Ipv4Net = text.parse().expect("net");
+            Subnet {
+                base: u32::from(net.addr()),
+                len: net.prefix_len(),
+            }
+        };
+        let alloc = |node, subnet| IpamOp::AllocateSubnet {
+            pool: private,
+            node,
+            subnet,
+        };
+        for bad in [
+            "10.128.0.0/24",
+            "10.128.0.4/31",
+            "10.128.0.2/30",
+            "10.129.0.0/30",
+        ] {
+            assert!(
+                matches!(
+                    ipam.apply(&alloc(cust, s(bad)), ctx(&S1, 1), &tree),
+                    Err(IpamError::BadSubnet { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert_eq!(ipam.next_free_subnet(private, 30), Ok(s("10.128.0.0/30")));
+        ipam.apply(&alloc(cust, s("10.128.0.0/30")), ctx(&S1, 1), &tree)
+            .expect("alloc");
+        assert_eq!(ipam.next_free_subnet(private, 30), Ok(s("10.128.0.4/30")));
+        assert_eq!(ipam.next_free_subnet(private, 29), Ok(s("10.128.0.8/29")));
+        assert_eq!(
+            ipam.apply(&alloc(ids[0], s("10.128.0.0/29")), ctx(&S1, 2), &tree),
+            Err(IpamError::Overlap(s("10.128.0.0/29")))
+        );
+        ipam.apply(&alloc(ids[0], s("10.128.0.8/30")), ctx(&S1, 3), &tree)
+            .expect("alloc");
+        // Expanding the first to /29 covers .0-.7: free. To /28 would swallow .8/30: refused.
+        let expand = |len| IpamOp::ExpandSubnet {
+            pool: private,
+            node: cust,
+            len,
+        };
+        ipam.apply(&expand(29), ctx(&S1, 4), &tree).expect("expand");
+        assert_eq!(ipam.subnet(private, &cust), Some(s("10.128.0.0/29")));
+        assert_eq!(
+            ipam.apply(&expand(28), ctx(&S1, 5), &tree),
+            Err(IpamError::Overlap(s("10.128.0.0/28")))
+        );
+        assert!(matches!(
+            ipam.apply(&expand(29), ctx(&S1, 6), &tree),
+            Err(IpamError::BadSubnet { .. })
+        ));
+        // A second endpoint expanding past the pool's minimum length is refused.
+        let e1 = IpamOp::ExpandSubnet {
+            pool: private,
+            node: ids[0],
+            len: 24,
+        };
+        assert!(matches!(
+            ipam.apply(&e1, ctx(&S1, 7), &tree),
+            Err(IpamError::BadSubnet { .. })
+        ));
+        // Fill the pool: exhaustion is an error.
+        let mut pool = Ipam::new(small());
+        pool.apply(&alloc(cust, s("10.128.0.0/25")), ctx(&S1, 1), &tree)
+            .expect("alloc");
+        pool.apply(&alloc(ids[0], s("10.128.0.128/25")), ctx(&S1, 1), &tree)
+            .expect("alloc");
+        assert_eq!(
+            pool.next_free_subnet(private, 30),
+            Err(IpamError::Exhausted("the private subnet pool"))
+        );
+        ipam.check_invariants(&tree).expect("invariants");
+    }
+
+    #[test]
+    fn backbone_placement_is_hashed_with_linear_probing() {
+        let mut tree = Tree::new(ANCHOR);
+        let mut servers = Vec::new();
+        for seq in 1..=14u64 {
+            let op = TreeOp::Create {
+                parent: NodeId::ROOT,
+                kind: NodeKind::Server,
+                hostname: format!("s{seq}"),
+                owner: Some(PublicKey([seq as u8; 32])),
+                wg_pubkey: None,
+            };
+            tree.apply(&op, &ANCHOR, seq, Hlc::default())
+                .expect("create");
+            servers.push(NodeId::derive(&ANCHOR, seq));
+        }
+        let mut ipam = Ipam::new(small());
+        // /28 = 16 offsets, 0-1 reserved, 15 broadcast: 13 usable.
+        let expected_first = 2 + (key_hash(b"ln-backbone:v1", &PublicKey([1; 32]))[0] % 13) as u32;
+        for (i, node) in servers.iter().enumerate() {
+            let r = ipam.apply(&IpamOp::JoinBackbone { node: *node }, ctx(&S1, 1), &tree);
+            if i < 13 {
+                r.expect("join");
+            } else {
+                assert_eq!(r, Err(IpamError::Exhausted("the backbone prefix")));
+            }
+        }
+        let first = ipam.backbone_address(&servers[0]).expect("address");
+        assert_eq!(
+            first,
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(172, 16, 0, 0)) + expected_first)
+        );
+        let offsets: BTreeSet<u32> = ipam.data().backbone.values().copied().collect();
+        assert_eq!(offsets, (2..15).collect(), "every usable offset, each once");
+        ipam.check_invariants(&tree).expect("invariants");
+    }
+}

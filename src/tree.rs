@@ -851,3 +851,380 @@ impl fmt::Debug for WgKey {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ANCHOR: PublicKey = PublicKey([1; 32]);
+    const ORIGIN: PublicKey = PublicKey([2; 32]);
+
+    /// Applies a create as op (ORIGIN, seq) and returns the new node's id.
+    fn create(
+        tree: &mut Tree,
+        seq: u64,
+        parent: NodeId,
+        kind: NodeKind,
+        name: &str,
+    ) -> Result<NodeId, TreeError> {
+        let op = TreeOp::Create {
+            parent,
+            kind,
+            hostname: name.into(),
+            owner: None,
+            wg_pubkey: None,
+        };
+        tree.apply(
+            &op,
+            &ORIGIN,
+            seq,
+            Hlc {
+                wall_ms: seq,
+                logical: 0,
+            },
+        )?;
+        Ok(NodeId::derive(&ORIGIN, seq))
+    }
+
+    fn apply(tree: &mut Tree, op: TreeOp) -> Result<(), TreeError> {
+        tree.apply(&op, &ORIGIN, 999, Hlc::default())
+    }
+
+    #[test]
+    fn new_tree_has_one_root_owned_by_the_anchor() {
+        let tree = Tree::new(ANCHOR);
+        assert_eq!(tree.len(), 1);
+        let root = tree.get(&NodeId::ROOT).expect("root");
+        assert_eq!(root.kind, NodeKind::Root);
+        assert_eq!(root.grants.get(&ANCHOR), Some(&Permissions::ADMIN));
+        tree.check_invariants().expect("invariants");
+    }
+
+    #[test]
+    fn permission_bits_are_stable() {
+        assert_eq!(Permission::Read.bit(), 1);
+        assert_eq!(Permission::AllocateIp.bit(), 2048);
+        assert_eq!(Permission::RoutingCoordinate.bit(), 4096);
+        assert_eq!(Permission::Admin.bit(), 8192);
+        assert!(Permissions::ADMIN.allows(Permission::DeleteNode));
+        assert!(!Permissions::of(&[Permission::Read]).allows(Permission::Write));
+        assert_eq!(
+            "allocate_ip".parse::<Permission>(),
+            Ok(Permission::AllocateIp)
+        );
+        assert_eq!(
+            Permissions::of(&[Permission::Read, Permission::AllocateIp]).names(),
+            "read,allocate_ip"
+        );
+    }
+
+    #[test]
+    fn node_ids_differ_per_op_and_never_equal_the_root() {
+        let a = NodeId::derive(&ORIGIN, 1);
+        assert_ne!(a, NodeId::derive(&ORIGIN, 2));
+        assert_ne!(a, NodeId::derive(&ANCHOR, 1));
+        assert_ne!(a, NodeId::ROOT);
+        assert_eq!(a, NodeId::derive(&ORIGIN, 1), "deterministic");
+    }
+
+    #[test]
+    fn dns_labels() {
+        for ok in ["a", "web-1", "1host", "A", &"x".repeat(63)] {
+            assert!(is_dns_label(ok), "{ok}");
+        }
+        for bad in ["", "-a", "a-", "a.b", "a_b", "é", " a", &"x".repeat(64)] {
+            assert!(!is_dns_label(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hostnames_are_unique_among_siblings_case_insensitively() {
+        let mut tree = Tree::new(ANCHOR);
+        let acme = create(&mut tree, 1, NodeId::ROOT, NodeKind::Customer, "Acme").expect("create");
+        assert_eq!(
+            tree.get(&acme).expect("node").hostname,
+            "acme",
+            "stored lowercase"
+        );
+        assert!(matches!(
+            create(&mut tree, 2, NodeId::ROOT, NodeKind::Customer, "ACME"),
+            Err(TreeError::HostnameTaken { .. })
+        ));
+        // The same name under another parent is fine.
+        create(&mut tree, 3, acme, NodeKind::Customer, "acme").expect("nested same name");
+        assert!(matches!(
+            create(&mut tree, 4, acme, NodeKind::Endpoint, "bad_name"),
+            Err(TreeError::BadHostname(_))
+        ));
+        // Renaming onto a sibling's name is refused; renaming to itself (other case) is fine.
+        let other =
+            create(&mut tree, 5, NodeId::ROOT, NodeKind::Customer, "other").expect("create");
+        assert!(matches!(
+            apply(
+                &mut tree,
+                TreeOp::Update {
+                    node: other,
+                    field: NodeField::Hostname("acme".into())
+                }
+            ),
+            Err(TreeError::HostnameTaken { .. })
+        ));
+        apply(
+            &mut tree,
+            TreeOp::Update {
+                node: other,
+                field: NodeField::Hostname("OTHER".into()),
+            },
+        )
+        .expect("rename to itself");
+        tree.check_invariants().expect("invariants");
+    }
+
+    #[test]
+    fn placement_rules() {
+        let mut tree = Tree::new(ANCHOR);
+        let ep = create(&mut tree, 1, NodeId::ROOT, NodeKind::Endpoint, "ep")
+            .expect("endpoint under root");
+        assert!(matches!(
+            create(&mut tree, 2, ep, NodeKind::Endpoint, "child"),
+            Err(TreeError::BadPlacement { .. })
+        ));
+        assert!(matches!(
+            create(&mut tree, 3, NodeId::ROOT, NodeKind::Root, "root2"),
+            Err(TreeError::RootIsFixed)
+        ));
+        assert!(matches!(
+            create(&mut tree, 4, NodeId([9; 16]), NodeKind::Customer, "orphan"),
+            Err(TreeError::NoSuchNode(_))
+        ));
+        assert_eq!(tree.len(), 2);
+    }
+
+    #[test]
+    fn delete_refuses_nodes_with_children_and_the_root() {
+        let mut tree = Tree::new(ANCHOR);
+        let c = create(&mut tree, 1, NodeId::ROOT, NodeKind::Customer, "c").expect("create");
+        let e = create(&mut tree, 2, c, NodeKind::Endpoint, "e").expect("create");
+        assert_eq!(
+            apply(&mut tree, TreeOp::Delete { node: c }),
+            Err(TreeError::HasChildren(c))
+        );
+        assert_eq!(
+            apply(&mut tree, TreeOp::Delete { node: NodeId::ROOT }),
+            Err(TreeError::RootIsFixed)
+        );
+        apply(&mut tree, TreeOp::Delete { node: e }).expect("leaf");
+        apply(&mut tree, TreeOp::Delete { node: c }).expect("now empty");
+        assert_eq!(tree.len(), 1);
+        tree.check_invariants().expect("invariants");
+    }
+
+    #[test]
+    fn moving_under_own_descendant_is_a_cycle() {
+        let mut tree = Tree::new(ANCHOR);
+        let a = create(&mut tree, 1, NodeId::ROOT, NodeKind::Customer, "a").expect("create");
+        let b = create(&mut tree, 2, a, NodeKind::Customer, "b").expect("create");
+        assert_eq!(
+            apply(
+                &mut tree,
+                TreeOp::Move {
+                    node: a,
+                    new_parent: b
+                }
+            ),
+            Err(TreeError::Cycle(a))
+        );
+        assert_eq!(
+            apply(
+                &mut tree,
+                TreeOp::Move {
+                    node: a,
+                    new_parent: a
+                }
+            ),
+            Err(TreeError::Cycle(a))
+        );
+        apply(
+            &mut tree,
+            TreeOp::Move {
+                node: b,
+                new_parent: NodeId::ROOT,
+            },
+        )
+        .expect("move up");
+        assert_eq!(tree.get(&b).expect("b").parent, Some(NodeId::ROOT));
+        assert_eq!(tree.children(&a).count(), 0);
+        tree.check_invariants().expect("invariants");
+    }
+
+    #[test]
+    fn depth_is_bounded() {
+        let mut tree = Tree::new(ANCHOR);
+        let mut parent = NodeId::ROOT;
+        for seq in 1..=limits::MAX_DEPTH as u64 {
+            parent = create(&mut tree, seq, parent, NodeKind::Customer, "n").expect("within depth");
+        }
+        assert_eq!(
+            create(&mut tree, 100, parent, NodeKind::Customer, "n"),
+            Err(TreeError::TooDeep)
+        );
+        // Moving a 2-level subtree under the deepest node is refused as well.
+        let top = create(&mut tree, 101, NodeId::ROOT, NodeKind::Customer, "top").expect("create");
+        create(&mut tree, 102, top, NodeKind::Customer, "kid").expect("create");
+        assert_eq!(
+            apply(
+                &mut tree,
+                TreeOp::Move {
+                    node: top,
+                    new_parent: parent
+                }
+            ),
+            Err(TreeError::TooDeep)
+        );
+        tree.check_invariants().expect("invariants");
+    }
+
+    #[test]
+    fn grants_and_revokes() {
+        let mut tree = Tree::new(ANCHOR);
+        let key = PublicKey([5; 32]);
+        let read = Permissions::of(&[Permission::Read]);
+        let rw = Permissions::of(&[Permission::Read, Permission::Write]);
+        apply(
+            &mut tree,
+            TreeOp::Grant {
+                node: NodeId::ROOT,
+                key,
+                permissions: rw,
+            },
+        )
+        .expect("grant");
+        apply(
+            &mut tree,
+            TreeOp::Revoke {
+                node: NodeId::ROOT,
+                key,
+                permissions: Permissions::of(&[Permission::Write]),
+            },
+        )
+        .expect("revoke");
+        assert_eq!(
+            tree.get(&NodeId::ROOT).expect("root").grants.get(&key),
+            Some(&read)
+        );
+        apply(
+            &mut tree,
+            TreeOp::Revoke {
+                node: NodeId::ROOT,
+                key,
+                permissions: read,
+            },
+        )
+        .expect("revoke");
+        assert!(
+            !tree
+                .get(&NodeId::ROOT)
+                .expect("root")
+                .grants
+                .contains_key(&key),
+            "empty grant removed"
+        );
+        assert_eq!(
+            apply(
+                &mut tree,
+                TreeOp::Revoke {
+                    node: NodeId::ROOT,
+                    key: ANCHOR,
+                    permissions: Permissions::ADMIN
+                }
+            ),
+            Err(TreeError::AnchorIsPermanent)
+        );
+        assert_eq!(
+            apply(
+                &mut tree,
+                TreeOp::Grant {
+                    node: NodeId::ROOT,
+                    key,
+                    permissions: Permissions(1 << 20)
+                }
+            ),
+            Err(TreeError::UnknownPermissionBits(1 << 20))
+        );
+        for i in 0..limits::MAX_GRANTS_PER_NODE as u8 - 1 {
+            let k = PublicKey([100 + i; 32]);
+            apply(
+                &mut tree,
+                TreeOp::Grant {
+                    node: NodeId::ROOT,
+                    key: k,
+                    permissions: read,
+                },
+            )
+            .expect("grant");
+        }
+        assert_eq!(
+            apply(
+                &mut tree,
+                TreeOp::Grant {
+                    node: NodeId::ROOT,
+                    key,
+                    permissions: read
+                }
+            ),
+            Err(TreeError::Limit("grants per node"))
+        );
+        tree.check_invariants().expect("invariants");
+    }
+
+    #[test]
+    fn metadata_and_endpoint_are_bounded() {
+        let mut tree = Tree::new(ANCHOR);
+        let e = create(&mut tree, 1, NodeId::ROOT, NodeKind::Endpoint, "e").expect("create");
+        let set = |k: &str, v: &str| TreeOp::Update {
+            node: e,
+            field: NodeField::Metadata {
+                key: k.into(),
+                value: Some(v.into()),
+            },
+        };
+        apply(&mut tree, set("region", "eu-west")).expect("small metadata");
+        assert!(matches!(
+            apply(&mut tree, set("big", &"v".repeat(3000))),
+            Err(TreeError::Limit(_))
+        ));
+        assert!(matches!(
+            apply(&mut tree, set("", "x")),
+            Err(TreeError::Limit(_))
+        ));
+        let endpoint = |s: &str| TreeOp::Update {
+            node: e,
+            field: NodeField::Endpoint(Some(s.into())),
+        };
+        apply(&mut tree, endpoint("198.51.100.7:51940")).expect("ip:port");
+        apply(&mut tree, endpoint("[2001:db8::1]:51940")).expect("v6 ip:port");
+        assert!(matches!(
+            apply(&mut tree, endpoint("example.com:1")),
+            Err(TreeError::BadEndpoint(_))
+        ));
+        tree.check_invariants().expect("invariants");
+    }
+
+    #[test]
+    fn ops_round_trip_through_cbor_with_stable_names() {
+        let op = TreeOp::Grant {
+            node: NodeId([3; 16]),
+            key: ANCHOR,
+            permissions: Permissions(5),
+        };
+        let mut buf = Vec::new();
+        ciborium::into_writer(&op, &mut buf).expect("encode");
+        let back: TreeOp = ciborium::from_reader(&buf[..]).expect("decode");
+        assert_eq!(back, op);
+        let v: ciborium::Value = ciborium::from_reader(&buf[..]).expect("value");
+        let text = format!("{v:?}");
+        for name in ["grant", "node", "key", "permissions"] {
+            assert!(text.contains(name), "{name} in {text}");
+        }
+    }
+}
