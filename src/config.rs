@@ -102,7 +102,7 @@ impl Default for Config {
             master_key_file: PathBuf::from("/etc/lemonade-nexus/master.key"),
             log_level: "info".into(),
             dataplane: Dataplane::Auto,
-            ip_release_grace_secs: 3600,
+            ip_release_grace_secs: 86_400,
             listen: Listen {
                 api: SocketAddr::new(any, 9100),
                 private_api_port: 9101,
@@ -115,11 +115,11 @@ impl Default for Config {
             },
             overlay: Overlay {
                 client_v4: net4("10.64.0.0/10"),
-                client_v6: net6("fd6c:6e78:6e00::/48"),
+                client_v6: net6("fd6c:6e00::/48"),
                 private_subnets: net4("10.128.0.0/9"),
                 shared_blocks: net4("172.20.0.0/14"),
                 backbone_v4: net4("172.16.0.0/22"),
-                backbone_v6: net6("fd6c:6e78:6eff::/64"),
+                backbone_v6: net6("fd6c:6eff::/64"),
             },
         }
     }
@@ -178,17 +178,22 @@ pub enum ConfigError {
     },
     #[error("config file {path} is not valid TOML: {error}")]
     Parse { path: PathBuf, error: String },
-    #[error(
-        "options `{a}` ({a_source}) and `{b}` ({b_source}) overlap: {a_net} and {b_net}; pick disjoint prefixes"
-    )]
-    Overlap {
-        a: &'static str,
-        a_source: Source,
-        a_net: IpNet,
-        b: &'static str,
-        b_source: Source,
-        b_net: IpNet,
-    },
+    #[error("{0}")]
+    Overlap(Box<Overlap>),
+}
+
+/// Two overlay prefixes that overlap.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "options `{a}` ({a_source}) and `{b}` ({b_source}) overlap: {a_net} and {b_net}; pick disjoint prefixes"
+)]
+pub struct Overlap {
+    pub a: &'static str,
+    pub a_source: Source,
+    pub a_net: IpNet,
+    pub b: &'static str,
+    pub b_source: Source,
+    pub b_net: IpNet,
 }
 
 /// One option: its key, what it allows, and how to set it from text.
@@ -294,72 +299,114 @@ const SPECS: &[Spec] = &[
     Spec {
         key: "listen.api",
         allowed: "an IP:port socket address, e.g. 0.0.0.0:9100",
-        set: |c, v| Ok(c.listen.api = parse_socket(v)?),
+        set: |c, v| {
+            c.listen.api = parse_socket(v)?;
+            Ok(())
+        },
     },
     Spec {
         key: "listen.private_api_port",
         allowed: "a port 1-65535",
-        set: |c, v| Ok(c.listen.private_api_port = parse_port(v)?),
+        set: |c, v| {
+            c.listen.private_api_port = parse_port(v)?;
+            Ok(())
+        },
     },
     Spec {
         key: "listen.gossip",
         allowed: "an IP:port socket address, e.g. 0.0.0.0:9102",
-        set: |c, v| Ok(c.listen.gossip = parse_socket(v)?),
+        set: |c, v| {
+            c.listen.gossip = parse_socket(v)?;
+            Ok(())
+        },
     },
     Spec {
         key: "listen.stun",
         allowed: "an IP:port socket address, e.g. 0.0.0.0:3478",
-        set: |c, v| Ok(c.listen.stun = parse_socket(v)?),
+        set: |c, v| {
+            c.listen.stun = parse_socket(v)?;
+            Ok(())
+        },
     },
     Spec {
         key: "listen.relay",
         allowed: "an IP:port socket address, e.g. 0.0.0.0:9103",
-        set: |c, v| Ok(c.listen.relay = parse_socket(v)?),
+        set: |c, v| {
+            c.listen.relay = parse_socket(v)?;
+            Ok(())
+        },
     },
     Spec {
         key: "listen.dns",
         allowed: "an IP:port socket address, e.g. 0.0.0.0:53",
-        set: |c, v| Ok(c.listen.dns = parse_socket(v)?),
+        set: |c, v| {
+            c.listen.dns = parse_socket(v)?;
+            Ok(())
+        },
     },
     Spec {
         key: "listen.wg_client_port",
         allowed: "a port 1-65535",
-        set: |c, v| Ok(c.listen.wg_client_port = parse_port(v)?),
+        set: |c, v| {
+            c.listen.wg_client_port = parse_port(v)?;
+            Ok(())
+        },
     },
     Spec {
         key: "listen.wg_backbone_port",
         allowed: "a port 1-65535",
-        set: |c, v| Ok(c.listen.wg_backbone_port = parse_port(v)?),
+        set: |c, v| {
+            c.listen.wg_backbone_port = parse_port(v)?;
+            Ok(())
+        },
     },
     Spec {
         key: "overlay.client_v4",
         allowed: "an IPv4 network prefix from /8 to /24, e.g. 10.64.0.0/10",
-        set: |c, v| Ok(c.overlay.client_v4 = parse_v4(v, 8, 24)?),
+        set: |c, v| {
+            c.overlay.client_v4 = parse_v4(v, 8, 24)?;
+            Ok(())
+        },
     },
     Spec {
         key: "overlay.client_v6",
-        allowed: "an IPv6 unique-local (fc00::/7) prefix from /32 to /64, e.g. fd6c:6e78:6e00::/48",
-        set: |c, v| Ok(c.overlay.client_v6 = parse_v6_ula(v, 32, 64)?),
+        allowed: "an IPv6 unique-local (fc00::/7) prefix from /32 to /64, e.g. fd6c:6e00::/48",
+        set: |c, v| {
+            c.overlay.client_v6 = parse_v6_ula(v, 32, 64)?;
+            Ok(())
+        },
     },
     Spec {
         key: "overlay.private_subnets",
         allowed: "an IPv4 network prefix from /8 to /24, e.g. 10.128.0.0/9",
-        set: |c, v| Ok(c.overlay.private_subnets = parse_v4(v, 8, 24)?),
+        set: |c, v| {
+            c.overlay.private_subnets = parse_v4(v, 8, 24)?;
+            Ok(())
+        },
     },
     Spec {
         key: "overlay.shared_blocks",
         allowed: "an IPv4 network prefix from /8 to /24, e.g. 172.20.0.0/14",
-        set: |c, v| Ok(c.overlay.shared_blocks = parse_v4(v, 8, 24)?),
+        set: |c, v| {
+            c.overlay.shared_blocks = parse_v4(v, 8, 24)?;
+            Ok(())
+        },
     },
     Spec {
         key: "overlay.backbone_v4",
         allowed: "an IPv4 network prefix from /8 to /28, e.g. 172.16.0.0/22",
-        set: |c, v| Ok(c.overlay.backbone_v4 = parse_v4(v, 8, 28)?),
+        set: |c, v| {
+            c.overlay.backbone_v4 = parse_v4(v, 8, 28)?;
+            Ok(())
+        },
     },
     Spec {
         key: "overlay.backbone_v6",
-        allowed: "an IPv6 unique-local (fc00::/7) prefix from /32 to /112, e.g. fd6c:6e78:6eff::/64",
-        set: |c, v| Ok(c.overlay.backbone_v6 = parse_v6_ula(v, 32, 112)?),
+        allowed: "an IPv6 unique-local (fc00::/7) prefix from /32 to /112, e.g. fd6c:6eff::/64",
+        set: |c, v| {
+            c.overlay.backbone_v6 = parse_v6_ula(v, 32, 112)?;
+            Ok(())
+        },
     },
 ];
 
@@ -396,7 +443,7 @@ pub struct ConfigArgs {
     /// Dataplane backend: auto|kernel|userspace. Env: LEMONADE_NEXUS_DATAPLANE. Default: auto.
     #[arg(long, global = true, value_name = "BACKEND")]
     pub dataplane: Option<String>,
-    /// Seconds before a released address is reused. Env: LEMONADE_NEXUS_IP_RELEASE_GRACE_SECS. Default: 3600.
+    /// Seconds before a released address is reused. Env: LEMONADE_NEXUS_IP_RELEASE_GRACE_SECS. Default: 86400 (24 h).
     #[arg(long, global = true, value_name = "SECS")]
     pub ip_release_grace_secs: Option<String>,
     /// Public API address. Env: LEMONADE_NEXUS_LISTEN_API. Default: 0.0.0.0:9100.
@@ -426,7 +473,7 @@ pub struct ConfigArgs {
     /// Client tunnel IPv4 prefix. Env: LEMONADE_NEXUS_OVERLAY_CLIENT_V4. Default: 10.64.0.0/10.
     #[arg(long, global = true, value_name = "PREFIX")]
     pub overlay_client_v4: Option<String>,
-    /// Client tunnel IPv6 ULA prefix. Env: LEMONADE_NEXUS_OVERLAY_CLIENT_V6. Default: fd6c:6e78:6e00::/48.
+    /// Client tunnel IPv6 ULA prefix. Env: LEMONADE_NEXUS_OVERLAY_CLIENT_V6. Default: fd6c:6e00::/48.
     #[arg(long, global = true, value_name = "PREFIX")]
     pub overlay_client_v6: Option<String>,
     /// Private subnets prefix. Env: LEMONADE_NEXUS_OVERLAY_PRIVATE_SUBNETS. Default: 10.128.0.0/9.
@@ -438,7 +485,7 @@ pub struct ConfigArgs {
     /// Server backbone IPv4 prefix. Env: LEMONADE_NEXUS_OVERLAY_BACKBONE_V4. Default: 172.16.0.0/22.
     #[arg(long, global = true, value_name = "PREFIX")]
     pub overlay_backbone_v4: Option<String>,
-    /// Server backbone IPv6 ULA prefix. Env: LEMONADE_NEXUS_OVERLAY_BACKBONE_V6. Default: fd6c:6e78:6eff::/64.
+    /// Server backbone IPv6 ULA prefix. Env: LEMONADE_NEXUS_OVERLAY_BACKBONE_V6. Default: fd6c:6eff::/64.
     #[arg(long, global = true, value_name = "PREFIX")]
     pub overlay_backbone_v6: Option<String>,
 }
@@ -607,18 +654,38 @@ fn check_cross(l: &Loaded) -> Result<(), ConfigError> {
     for (i, (a, an)) in nets.iter().enumerate() {
         for (b, bn) in &nets[i + 1..] {
             if an.contains(&bn.network()) || bn.contains(&an.network()) {
-                return Err(ConfigError::Overlap {
+                return Err(ConfigError::Overlap(Box::new(Overlap {
                     a,
                     a_source: l.source(a),
                     a_net: *an,
                     b,
                     b_source: l.source(b),
                     b_net: *bn,
-                });
+                })));
             }
         }
     }
     Ok(())
+}
+
+impl Config {
+    /// The IPAM parameters for a new cluster: D's defaults (block size, reserved addresses, allowed
+    /// subnet lengths) with this configuration's prefixes and grace period. They are written into
+    /// the replicated state at `init` and fixed for the cluster's life.
+    pub fn ipam_config(&self) -> Result<crate::ipam::IpamConfig, String> {
+        let o = &self.overlay;
+        let c = crate::ipam::IpamConfig {
+            tunnel_v4: o.client_v4,
+            tunnel_v6: o.client_v6,
+            private: o.private_subnets,
+            shared: o.shared_blocks,
+            backbone: o.backbone_v4,
+            reuse_grace_ms: self.ip_release_grace_secs.saturating_mul(1000),
+            ..Default::default()
+        };
+        c.validate()?;
+        Ok(c)
+    }
 }
 
 #[cfg(test)]

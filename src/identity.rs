@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use base64::{Engine, engine::general_purpose::STANDARD};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::hkdf::{HKDF_SHA256, Salt};
-use ring::rand::{SecureRandom, SystemRandom};
+use ring::rand::SecureRandom;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
 use crate::keys::PublicKey;
@@ -98,14 +98,15 @@ impl MasterKey {
         if !path.exists() {
             let mut k = [0u8; 32];
             rng.fill(&mut k).map_err(|_| IdentityError::Random)?;
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                if !parent.exists() {
-                    fs::DirBuilder::new()
-                        .recursive(true)
-                        .mode(0o700)
-                        .create(parent)
-                        .map_err(io(parent))?;
-                }
+            if let Some(parent) = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty() && !p.exists())
+            {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(parent)
+                    .map_err(io(parent))?;
             }
             write_atomic(path, &k)?;
             wipe(&mut k);
@@ -432,6 +433,7 @@ fn wipe(b: &mut [u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ring::rand::SystemRandom;
     use std::process::{Command, Stdio};
 
     fn setup() -> (tempfile::TempDir, PathBuf, PathBuf) {

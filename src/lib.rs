@@ -11,4 +11,7 @@ pub mod keys;
 pub mod op;
 pub mod signed;
 pub mod state;
+pub mod store;
+#[doc(hidden)]
+pub mod testkit;
 pub mod tree;

@@ -338,7 +338,7 @@ mod tests {
 
     /// Any IPAM op: the tests here do not care which.
     fn test_ipam_op() -> IpamOp {
-        crate::op::test_support::sample_ipam_op()
+        crate::ipam::IpamOp::ClaimBlock { block: 1 }
     }
 
     fn op(origin: PublicKey, author: PublicKey, seq: u64, wall: u64) -> Op {
@@ -406,7 +406,7 @@ mod tests {
 
         // The server changes the body: the author's signature no longer matches.
         let mut forged = logged.clone();
-        forged.op.body = OpBody::Ipam(crate::op::test_support::other_ipam_op());
+        forged.op.body = OpBody::Ipam(crate::ipam::IpamOp::ClaimBlock { block: 2 });
         assert!(matches!(
             verify_op(&seal_op(&server, &forged)),
             Err(OpError::Envelope(EnvelopeError::BadSignature { .. }))
@@ -468,21 +468,5 @@ mod tests {
                 assert_eq!(fold_order(x, y), x.fold_key().cmp(&y.fold_key()));
             }
         }
-    }
-}
-
-/// Sample ops for tests, benches and golden vectors (kept here so they follow D's op types).
-#[doc(hidden)]
-pub mod test_support {
-    use crate::ipam::IpamOp;
-
-    /// One IPAM op.
-    pub fn sample_ipam_op() -> IpamOp {
-        IpamOp::ClaimBlock { block: 1 }
-    }
-
-    /// Another, different IPAM op.
-    pub fn other_ipam_op() -> IpamOp {
-        IpamOp::ClaimBlock { block: 2 }
     }
 }

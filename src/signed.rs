@@ -161,6 +161,22 @@ fn signed_message(tag: &str, seven_items: &[u8]) -> Vec<u8> {
 /// Decodes and verifies the signature and tag; no clock checks (deterministic: the fold and
 /// refold use this). Use [`open`] for objects arriving now.
 pub fn verify(bytes: &[u8], expected_tag: &str) -> Result<Envelope, EnvelopeError> {
+    let (env, signed_end) = parse(bytes, expected_tag)?;
+    let msg = signed_message(&env.tag, &bytes[1..signed_end]);
+    UnparsedPublicKey::new(&ED25519, env.signer.as_bytes())
+        .verify(&msg, &env.signature)
+        .map_err(|_| EnvelopeError::BadSignature { signer: env.signer })?;
+    Ok(env)
+}
+
+/// Decodes an envelope WITHOUT checking its signature. Only for bytes this process verified
+/// before storing them (the store's own op log, read back for a refold).
+pub fn decode_unverified(bytes: &[u8], expected_tag: &str) -> Result<Envelope, EnvelopeError> {
+    parse(bytes, expected_tag).map(|(env, _)| env)
+}
+
+/// Strict structural decoding; returns the envelope and where the signed items end.
+fn parse(bytes: &[u8], expected_tag: &str) -> Result<(Envelope, usize), EnvelopeError> {
     if bytes.len() > MAX_ENVELOPE_BYTES {
         return Err(EnvelopeError::TooLarge {
             len: bytes.len(),
@@ -207,11 +223,7 @@ pub fn verify(bytes: &[u8], expected_tag: &str) -> Result<Envelope, EnvelopeErro
     if expires_at_ms != 0 && expires_at_ms < issued_at_ms {
         return Err(EnvelopeError::InvertedValidity);
     }
-    let msg = signed_message(tag, &bytes[1..signed_end]);
-    UnparsedPublicKey::new(&ED25519, signer.as_bytes())
-        .verify(&msg, &signature)
-        .map_err(|_| EnvelopeError::BadSignature { signer })?;
-    Ok(Envelope {
+    let env = Envelope {
         tag: tag.to_owned(),
         schema,
         signer,
@@ -220,7 +232,8 @@ pub fn verify(bytes: &[u8], expected_tag: &str) -> Result<Envelope, EnvelopeErro
         nonce,
         payload: payload.to_vec(),
         signature,
-    })
+    };
+    Ok((env, signed_end))
 }
 
 /// Clock checks for an object arriving at `now_ms`: not expired, not issued more than

@@ -1,0 +1,85 @@
+//! Builders for tests, benchmarks and golden vectors: fixed keys and ready-made ops. Not part of
+//! the product; public only so integration tests and benches can share it.
+
+use crate::hlc::Hlc;
+use crate::identity::NodeKey;
+use crate::ipam::IpamOp;
+use crate::keys::PublicKey;
+use crate::op::{self, LoggedOp, Op, OpBody};
+use crate::tree::{NodeId, NodeKind, Permissions, TreeOp};
+
+/// A node key from a one-byte seed (`[seed; 32]`): fixed, so vectors and tests are reproducible.
+pub fn key(seed: u8) -> NodeKey {
+    NodeKey::from_seed(&[seed; 32])
+}
+
+/// Grants `key` admin on the root.
+pub fn grant_admin(key: PublicKey) -> OpBody {
+    OpBody::Tree(TreeOp::Grant {
+        node: NodeId::ROOT,
+        key,
+        permissions: Permissions::ADMIN,
+    })
+}
+
+/// Creates a customer (`endpoint == false`) or endpoint node under `parent`.
+pub fn create(parent: NodeId, hostname: &str, endpoint: bool) -> OpBody {
+    let kind = if endpoint {
+        NodeKind::Endpoint
+    } else {
+        NodeKind::Customer
+    };
+    OpBody::Tree(TreeOp::Create {
+        parent,
+        kind,
+        hostname: hostname.into(),
+        owner: None,
+        wg_pubkey: None,
+    })
+}
+
+/// Deletes a node.
+pub fn delete(node: NodeId) -> OpBody {
+    OpBody::Tree(TreeOp::Delete { node })
+}
+
+/// The origin claims IPAM block `block`.
+pub fn claim_block(block: u32) -> OpBody {
+    OpBody::Ipam(IpamOp::ClaimBlock { block })
+}
+
+/// Leases tunnel slot `slot` to `node`.
+pub fn allocate(node: NodeId, slot: u32) -> OpBody {
+    OpBody::Ipam(IpamOp::AllocateAddress { node, slot })
+}
+
+/// Releases `node`'s tunnel address.
+pub fn release(node: NodeId) -> OpBody {
+    OpBody::Ipam(IpamOp::ReleaseAddress { node })
+}
+
+/// A signed op authored by its origin (no author proof).
+pub fn sealed(origin: &NodeKey, seq: u64, hlc: Hlc, body: OpBody) -> Vec<u8> {
+    let o = origin.public();
+    op::seal_op(
+        origin.pair(),
+        &LoggedOp {
+            op: Op {
+                origin: o,
+                seq,
+                hlc,
+                author: o,
+                body,
+            },
+            author_proof: None,
+        },
+    )
+}
+
+/// Milliseconds since the unix epoch, from the system clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
