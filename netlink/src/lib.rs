@@ -12,13 +12,15 @@
 //!   it; [`netdiff`] does the same for addresses and routes.
 //! - `kernel`: the kernel backend (generic netlink), its message encoder and dump decoder,
 //!   and kernel detection.
-//! - `rtnl`: links, addresses, routes and policy rules over rtnetlink.
+//! - [`rtnl`]: links, addresses, routes and policy rules over rtnetlink.
 
 pub mod backend;
 pub mod diff;
 pub mod kernel;
 pub mod model;
 pub mod netdiff;
+pub mod netns;
+pub mod rtnl;
 pub mod uapi;
 
 #[cfg(test)]

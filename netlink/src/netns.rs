@@ -1,0 +1,33 @@
+//! Running code inside a private network namespace (tests, probes).
+
+use std::{future::Future, io, thread};
+
+/// Runs `f` on a new thread that first moves into a fresh network namespace
+/// (`unshare(CLONE_NEWNET)`), inside a current-thread tokio runtime built after the move, so
+/// every netlink socket it opens lives in that namespace. The namespace disappears with the
+/// thread, so nothing it created outlives it even if `f` panics (the panic is re-raised here).
+///
+/// Needs `CAP_SYS_ADMIN` (root).
+pub fn run_in_new_netns<F, Fut, T>(f: F) -> io::Result<T>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = T>,
+    T: Send + 'static,
+{
+    let worker = thread::Builder::new().name("netns".into()).spawn(move || {
+        // SAFETY: unshare takes no pointers; CLONE_NEWNET only changes the network namespace of
+        // this thread (network namespaces are per thread), which is what we want.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(rt.block_on(f()))
+    })?;
+    match worker.join() {
+        Ok(r) => r,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
