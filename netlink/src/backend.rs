@@ -26,7 +26,7 @@ impl fmt::Display for BackendKind {
 }
 
 /// A WireGuard device implementation: the kernel's generic netlink family
-/// (`kernel::KernelBackend`) or a userspace implementation over the UAPI socket.
+/// ([`crate::kernel::KernelBackend`]) or a userspace implementation over the UAPI socket.
 ///
 /// How it is used: the controller holds one concrete backend (static dispatch: services are
 /// generic over `B: WgBackend`, never `dyn`) and, for each interface it manages,
@@ -99,4 +99,45 @@ pub enum ReconcileError<E: std::error::Error + 'static> {
     /// The backend failed to read or write the device.
     #[error("backend error: {0}")]
     Backend(#[source] E),
+}
+
+/// Which backend the configuration asks for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BackendPreference {
+    /// The kernel if it has WireGuard, else userspace (loudly).
+    #[default]
+    Auto,
+    /// The kernel or nothing.
+    Kernel,
+    /// Userspace even if the kernel has WireGuard.
+    Userspace,
+}
+
+impl std::str::FromStr for BackendPreference {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(BackendPreference::Auto),
+            "kernel" => Ok(BackendPreference::Kernel),
+            "userspace" => Ok(BackendPreference::Userspace),
+            other => Err(format!(
+                "unknown backend {other:?}: expected auto, kernel or userspace"
+            )),
+        }
+    }
+}
+
+/// The backend picked at start, and why it is not the kernel when it fell back.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendChoice {
+    pub kind: BackendKind,
+    /// `Some(reason)` when `Auto` fell back to userspace because kernel WireGuard is
+    /// unavailable. Shown by `status`, `/api/health` and a metric.
+    pub fallback_reason: Option<String>,
+}
+
+impl BackendChoice {
+    pub fn fell_back(&self) -> bool {
+        self.fallback_reason.is_some()
+    }
 }

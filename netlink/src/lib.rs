@@ -10,7 +10,7 @@
 //! - [`backend`]: the [`WgBackend`] trait.
 //! - [`diff`]: the pure desired-state diff for peers ([`diff()`]) and the pure model that applies
 //!   it; [`netdiff`] does the same for addresses and routes.
-//! - `kernel`: the kernel backend (generic netlink), its message encoder and dump decoder,
+//! - [`kernel`]: the kernel backend (generic netlink), its message encoder and dump decoder,
 //!   and kernel detection.
 //! - [`rtnl`]: links, addresses, routes and policy rules over rtnetlink.
 
@@ -26,7 +26,7 @@ pub mod uapi;
 #[cfg(test)]
 mod testutil;
 
-pub use backend::{BackendKind, ReconcileError, WgBackend};
+pub use backend::{BackendChoice, BackendKind, BackendPreference, ReconcileError, WgBackend};
 pub use diff::{
     AllowedIpsChange, Capabilities, DesiredStateError, DeviceDiff, PeerChange, PeerUpdate, diff,
 };
