@@ -3,6 +3,7 @@
 //! One module per domain. The pure cores (validation, the op-log fold, the permission tree, IPAM)
 //! take time and randomness as arguments and do no IO; the store and the CLI wrap them.
 pub mod authz;
+pub mod cli;
 pub mod config;
 pub mod hlc;
 pub mod identity;

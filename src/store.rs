@@ -571,6 +571,55 @@ impl Store {
     }
 }
 
+/// A read-only view of a store: what the offline admin commands show. Opening it never writes
+/// (no migration, no repair), so it is safe next to a running server.
+pub struct Snapshot {
+    pub root: PublicKey,
+    pub state: State,
+    pub heads: BTreeMap<PublicKey, u64>,
+    pub op_count: u64,
+    pub clock: Hlc,
+}
+
+impl Snapshot {
+    /// Reads the store at `path` without modifying it.
+    pub fn read(path: &Path) -> Result<Snapshot, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Missing(path.into()));
+        }
+        let db = Database::builder().open_read_only(path).map_err(|e| {
+            StoreError::Corrupt(format!(
+                "cannot open {} read-only ({e}); if the server crashed, open it once with a writing command (`lemonade-nexus init`) to recover it",
+                path.display()
+            ))
+        })?;
+        let version = read_schema(&db)?;
+        if version > STORE_SCHEMA_VERSION {
+            return Err(StoreError::UnsupportedSchema {
+                path: path.into(),
+                found: version,
+            });
+        }
+        if version < STORE_SCHEMA_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "{} has schema version {version} and needs a migration to {STORE_SCHEMA_VERSION}; run `lemonade-nexus init` once to migrate it",
+                path.display()
+            )));
+        }
+        let root = read_meta_root(&db)?
+            .ok_or_else(|| StoreError::Corrupt("meta has no root key".into()))?;
+        let l = load(&db)?;
+        let op_count = db.begin_read()?.open_table(OP_LOG)?.len()?;
+        Ok(Snapshot {
+            root,
+            state: l.state,
+            heads: l.heads,
+            op_count,
+            clock: l.clock,
+        })
+    }
+}
+
 /// What [`load`] reads from a database.
 struct Loaded {
     heads: BTreeMap<PublicKey, u64>,
@@ -583,7 +632,7 @@ struct Loaded {
 }
 
 /// Reads heads, fold position and state from a database of the current schema.
-fn load(db: &Database) -> Result<Loaded, StoreError> {
+fn load(db: &impl ReadableDatabase) -> Result<Loaded, StoreError> {
     let root =
         read_meta_root(db)?.ok_or_else(|| StoreError::Corrupt("meta has no root key".into()))?;
     let rtx = db.begin_read()?;
@@ -765,7 +814,7 @@ fn write_digest(tx: &WriteTransaction, d: &Digest) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn read_meta_root(db: &Database) -> Result<Option<PublicKey>, StoreError> {
+fn read_meta_root(db: &impl ReadableDatabase) -> Result<Option<PublicKey>, StoreError> {
     let rtx = db.begin_read()?;
     let meta = match rtx.open_table(META) {
         Ok(m) => m,
@@ -775,7 +824,7 @@ fn read_meta_root(db: &Database) -> Result<Option<PublicKey>, StoreError> {
     meta.get(META_ROOT)?.map(|v| key32(v.value())).transpose()
 }
 
-fn read_schema(db: &Database) -> Result<u64, StoreError> {
+fn read_schema(db: &impl ReadableDatabase) -> Result<u64, StoreError> {
     let rtx = db.begin_read()?;
     let meta = rtx.open_table(META)?;
     let v = meta
