@@ -286,7 +286,10 @@ def collect(quick: bool, only: list[str]) -> tuple[dict, bool]:
             print(f"==> {bench.id}: SKIPPED, needs root (network namespaces / WireGuard devices)")
             benches.append(bench_record(bench, "skipped", None, "Skipped: needs root; run benches/run.sh as root."))
             continue
-        since = time.time() - 1  # outputs of this benchmark's run only (mtime granularity)
+        # Only outputs of this benchmark's run count: its old summary is removed first (a bench may
+        # merge into an existing file), and anything older than this moment is ignored.
+        (SUMMARY_DIR / f"{bench.id}.json").unlink(missing_ok=True)
+        since = time.time() - 1
         ok, note, seconds = run_bench(bench, quick)
         raw = F.Raw(criterion=read_criterion(CRITERION_DIR, since), summaries=read_summaries(SUMMARY_DIR, since))
         rec = bench_record(bench, "measured" if ok else "failed", raw, note, seconds)

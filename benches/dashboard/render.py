@@ -77,6 +77,15 @@ def fmt_num(v: float | None) -> str:
     return f"{v:.3g}"
 
 
+def fmt_ratio(r: float | None) -> str:
+    """0.852× / 20.7×; tiny ratios as a fraction, which reads better: 1/340 rather than 0.00294×."""
+    if r is None:
+        return ""
+    if 0 < r < 0.1:
+        return f"1/{fmt_num(1 / r)}"
+    return f"{fmt_num(r)}×"
+
+
 def fmt_value(v: float | None, unit: str) -> str:
     return f"{fmt_num(v)} {unit}".strip() if v is not None else "not measured"
 
@@ -267,7 +276,7 @@ def ratio_callout(fig: dict) -> str:
     if ratio is None:
         return ""
     return (
-        f'<div class="ratio"><span class="ratio-num">{fmt_num(ratio)}×</span>'
+        f'<div class="ratio"><span class="ratio-num">{fmt_ratio(ratio)}</span>'
         f'<span class="ratio-txt">{e(fig.get("ratio_label") or ("of " + ref.get("label", "reference")))}</span></div>'
     )
 
@@ -338,7 +347,7 @@ def series_block(series_id: str, figs: list[dict], runs: list[dict]) -> tuple[st
         cells = f"<td>{fmt_num(f['n'])}</td><td>{e(fmt_value(f.get('value'), f.get('unit', '')))}</td>"
         if ref_label:
             cells += f"<td>{e(fmt_value(ref.get('value'), ref.get('unit', f.get('unit', ''))))}</td>"
-            cells += f"<td class='num'>{fmt_num(f.get('ratio'))}{'×' if f.get('ratio') is not None else ''}</td>"
+            cells += f"<td class='num'>{fmt_ratio(f.get('ratio'))}</td>"
         v = verdict(f)
         cells += f"<td class='{v}'>{('✓ ' if v == 'met' else '✗ ' if v == 'missed' else '')}{e(goal_text(f.get('goal')) if v else '')}</td>"
         rows.append(f"<tr>{cells}</tr>")
@@ -435,7 +444,7 @@ def compact_rows(run: dict) -> list[dict]:
                 "value": fmt_value(fig.get("value"), fig.get("unit", "")),
                 "ref_label": ref.get("label", "") if ref.get("value") is not None else "",
                 "ref_value": fmt_value(ref["value"], ref.get("unit", fig.get("unit", ""))) if ref.get("value") is not None else "",
-                "ratio": f"{fmt_num(fig['ratio'])}×" if fig.get("ratio") is not None else "",
+                "ratio": fmt_ratio(fig.get("ratio")),
                 "verdict": verdict(fig),
                 "goal": goal_text(fig.get("goal")),
             })
