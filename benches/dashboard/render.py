@@ -146,9 +146,9 @@ def bar_spec(fig: dict) -> dict:
 
 
 def spans_decades(values: list[float]) -> bool:
-    """Log axes when the values span at least a factor of 20 (N = 1k..50k does)."""
+    """Log axes when the values span a decade or more (N = 1k..10k does)."""
     pos = [v for v in values if v and v > 0]
-    return len(pos) >= 2 and max(pos) / min(pos) >= 20
+    return len(pos) >= 2 and max(pos) / min(pos) >= 10
 
 
 def axis_quantity(unit: str) -> str:
@@ -408,11 +408,14 @@ def compact_rows(run: dict) -> list[dict]:
     for bench in run.get("benchmarks", []):
         figs = bench.get("figures", [])
         status = bench.get("status", "measured")
-        if status != "measured" or all(f.get("value") is None for f in figs):
+        if all(f.get("value") is None for f in figs):
             goals = sorted({goal_text(f.get("goal")) for f in figs if f.get("goal")})
             rows.append({"bench": bench["id"], "label": bench.get("title", bench["id"]), "fig": None,
                          "value": status_text.get(status, "not measured"), "goal": "; ".join(goals)})
             continue
+        if status == "failed":  # it failed part-way: say so, then show what it did measure
+            rows.append({"bench": bench["id"], "label": f"{bench.get('title', bench['id'])}: failed part-way",
+                         "fig": None, "value": "see its log", "goal": ""})
         seen = set()
         for fig in figs:
             sid = fig.get("series")
@@ -508,7 +511,8 @@ def render_html(runs: list[dict]) -> str:
     goals = [verdict(f) for b in latest.get("benchmarks", []) for f in b.get("figures", []) if verdict(f)]
     overview = (
         f'<div class="stats"><div><b>{counts.get("measured", 0)}</b> benchmarks measured</div>'
-        f'<div><b>{counts.get("not_yet_measured", 0) + counts.get("skipped", 0) + counts.get("failed", 0)}</b> not measured in this run</div>'
+        f'<div class="missed"><b>{counts.get("failed", 0)}</b> failed</div>'
+        f'<div><b>{counts.get("not_yet_measured", 0) + counts.get("skipped", 0)}</b> not measured in this run</div>'
         f'<div class="met"><b>{goals.count("met")}</b> goals met</div>'
         f'<div class="missed"><b>{goals.count("missed")}</b> goals missed</div>'
         f'<div><b>{len(runs)}</b> recorded runs</div></div>'
