@@ -8,7 +8,8 @@ Raw outputs, per benchmark run:
 - criterion: `target/criterion/**/new/estimates.json` (+ `benchmark.json`), indexed by criterion's
   full id ("group/function/parameter"), e.g. "ops/verify_apply".
 - summaries: `target/bench-results/<file>.json`, written by benches that count things (messages,
-  bytes) or that time work criterion cannot (whole processes, root-only kernel work).
+  bytes) or that time work criterion cannot (whole processes, root-only kernel work); or, for a
+  bench that only prints such a table, what its `parse_log` makes of its output.
 
 Every figure is measured beside an in-run reference (same machine, same run) and reported with the
 ratio figure / reference. A goal, where an issue states one, applies either to that ratio
@@ -152,6 +153,9 @@ class Bench:
     full_args: tuple[str, ...] = ()
     # Environment for the bench, per mode (plain-main benches read their own knobs).
     quick_env: dict[str, str] = field(default_factory=dict)
+    # For a bench that prints a table instead of writing a summary: turns its output (the log)
+    # into the summary it would have written (used only when there is no such summary file).
+    parse_log: Optional[Callable[[str], Optional[dict]]] = None
 
 
 CRITERION_QUICK = ("--quick", "--noplot", "--measurement-time", "2")
@@ -193,6 +197,21 @@ def series(
     ]
 
 
+# ----------------------------------------------------------------------------- log parsers
+
+
+def parse_encode_sizes(log: str) -> Optional[dict]:
+    """netlink_encode prints, per N, the packed encoder's messages and bytes and the
+    one-peer-per-message encoder's:  `   1000 |    12    45678 |    1000    56789 |   83.3x`."""
+    import re
+
+    rows = []
+    for m in re.finditer(r"^\s*(\d+)\s*\|\s*(\d+)\s+(\d+)\s*\|\s*(\d+)\s+(\d+)\s*\|", log, re.M):
+        n, pm, pb, om, ob = (int(x) for x in m.groups())
+        rows.append({"peers": n, "messages": pm, "bytes": pb, "one_per_message_messages": om, "one_per_message_bytes": ob})
+    return {"rows": rows} if rows else None
+
+
 # ----------------------------------------------------------------------------- the benchmarks
 
 PEER_NS = (1_000, 10_000, 50_000)
@@ -217,6 +236,16 @@ BENCHMARKS: list[Bench] = [
                 reference=Reference("raw Ed25519 verify", crit_rate("ops/raw_ed25519_verify"), "verifies/s"),
                 goal=Goal("ratio", ">=", 0.70, "≥ 70% of the raw verify rate"),
                 ratio_label="of the raw Ed25519 verify rate",
+            ),
+            Figure(
+                id="state_ops.verify_apply_rows",
+                label="Signed ops verified, applied and turned into state rows",
+                unit="ops/s",
+                better="higher",
+                source=crit_rate("ops/verify_apply_rows"),
+                reference=Reference("raw Ed25519 verify", crit_rate("ops/raw_ed25519_verify"), "verifies/s"),
+                ratio_label="of the raw Ed25519 verify rate",
+                note="All the CPU work of committing an op except redb itself.",
             ),
             Figure(
                 id="state_ops.redb_grouped",
@@ -292,9 +321,37 @@ BENCHMARKS: list[Bench] = [
                 ratio_label="of one-peer-per-message",
                 n_label="peers (N)",
             ),
+            *series(
+                "netlink_encode.encode_time",
+                PEER_NS,
+                label="Time to encode N peers (packed, 4 KiB messages)",
+                unit="ms",
+                better="lower",
+                source=lambda n: crit_time(f"encode_full_config/packed_4KiB/{n}", "ms"),
+                reference=lambda n: Reference(
+                    "one-peer-per-message encoder", crit_time(f"encode_full_config/one_peer_per_message/{n}", "ms"), "ms"
+                ),
+                ratio_label="of the one-peer-per-message encoder's time",
+                n_label="peers (N)",
+            ),
+            *series(
+                "netlink_encode.incremental_endpoint",
+                PEER_NS,
+                label="Compute and encode one endpoint change on N peers",
+                unit="µs",
+                better="lower",
+                source=lambda n: crit_time(f"incremental_change/change_one_endpoint/{n}", "us"),
+                reference=lambda n: Reference(
+                    "whole-device diff", crit_time(f"incremental_change/whole_device_diff_one_endpoint/{n}", "us"), "µs"
+                ),
+                ratio_label="of a whole-device diff",
+                n_label="peers on the device (N)",
+                note="Should stay flat in N: the controller diffs only the changed peer.",
+            ),
         ],
         quick_args=CRITERION_QUICK,
         full_args=CRITERION_FULL,
+        parse_log=parse_encode_sizes,
     ),
     Bench(
         id="netlink_setconf",

@@ -7,8 +7,8 @@ For each benchmark listed in benches/figures.py: runs it if it exists (a `[[benc
 Cargo.toml and its file), skips it with a note when it needs root and we are not root, and reports
 it as "not yet measured" when it does not exist yet. Then turns the raw outputs of this run into
 figures (figure, in-run reference, ratio, goal), appends one run record to
-benches/results/history.jsonl, writes it to benches/results/latest.json and renders the dashboard
-to target/bench-dashboard/index.html.
+benches/results/history.jsonl, writes it to benches/results/latest.json, renders the dashboard
+to target/bench-dashboard/index.html and refreshes the table in README.md (between its markers).
 
 Exit status: 0 when every existing benchmark ran, 1 when one failed (the record is still written).
 Python 3.11+ standard library only.
@@ -292,6 +292,10 @@ def collect(quick: bool, only: list[str]) -> tuple[dict, bool]:
         since = time.time() - 1
         ok, note, seconds = run_bench(bench, quick)
         raw = F.Raw(criterion=read_criterion(CRITERION_DIR, since), summaries=read_summaries(SUMMARY_DIR, since))
+        if bench.parse_log and bench.id not in raw.summaries:
+            parsed = bench.parse_log((LOG_DIR / f"{bench.id}.log").read_text(errors="replace"))
+            if parsed is not None:
+                raw.summaries[bench.id] = parsed
         rec = bench_record(bench, "measured" if ok else "failed", raw, note, seconds)
         if rec["status"] != "measured":
             all_ok = False
@@ -347,6 +351,10 @@ def main(argv: list[str]) -> int:
     write_results(record)
     print(f"recorded in {RESULTS / 'history.jsonl'} and {RESULTS / 'latest.json'}")
     subprocess.run([sys.executable, str(HERE / "dashboard" / "render.py")], cwd=REPO, check=False)
+    import render  # benches/dashboard/render.py
+
+    if render.update_readme(REPO / "README.md", record):
+        print("README.md: benchmark table updated")
     return 0 if ok else 1
 
 

@@ -228,6 +228,20 @@ def test_readme_table_shows_latest_headline_figures() -> None:
     assert len(lines[4:]) == 11, lines[4:]
 
 
+def test_readme_table_is_replaced_between_markers_only(tmp: Path) -> None:
+    latest = render.load_history(SAMPLE)[-1]
+    readme = tmp / "README.md"
+    readme.write_text(f"# X\n\n## Benchmarks\n\n{render.README_START}\nold table\n{render.README_END}\n\n## After\n", encoding="utf-8")
+    assert render.update_readme(readme, latest)
+    text = readme.read_text(encoding="utf-8")
+    assert "old table" not in text and "| Signed ops verified and applied (one core) | 42,146 ops/s |" in text
+    assert text.startswith("# X\n\n## Benchmarks\n\n") and text.endswith(f"{render.README_END}\n\n## After\n")
+    assert render.update_readme(readme, latest) and readme.read_text(encoding="utf-8") == text, "not idempotent"
+    plain = tmp / "PLAIN.md"
+    plain.write_text("# no markers\n", encoding="utf-8")
+    assert not render.update_readme(plain, latest) and plain.read_text(encoding="utf-8") == "# no markers\n"
+
+
 def test_trend_joins_every_recorded_run() -> None:
     runs = render.load_history(SAMPLE)
     spec = render.trend_spec(["state_ops.verify_apply"], ["ours"], runs, "ops/s", with_ref=True)
