@@ -185,6 +185,90 @@ pub fn diff(
     Ok(out)
 }
 
+/// The change for one peer, given what the device has for that key (`None`: absent) and
+/// what is desired (`None`: should not exist). This is the per-peer step of [`diff`], for
+/// callers that know which peers changed (an event from the store): the cost depends on that
+/// peer only, not on the number of peers of the device. Check the desired peer's prefixes with
+/// [`PrefixOwners`] first.
+pub fn diff_peer(
+    actual: Option<&PeerConfig>,
+    desired: Option<&PeerConfig>,
+    caps: Capabilities,
+) -> Option<PeerChange> {
+    match (actual, desired) {
+        (None, None) => None,
+        (Some(have), None) => Some(PeerChange::Remove(have.public_key)),
+        (None, Some(want)) => Some(PeerChange::Add(normalized(want))),
+        (Some(have), Some(want)) => peer_update(have, want, caps).map(PeerChange::Update),
+    }
+}
+
+/// Which peer owns each allowed-IP prefix of a desired state, kept up to date peer by peer so
+/// an incremental change is checked against the one-owner rule in time proportional to that
+/// peer's prefixes.
+#[derive(Clone, Debug, Default)]
+pub struct PrefixOwners {
+    owners: HashMap<IpNet, Key>,
+}
+
+impl PrefixOwners {
+    /// Indexes a whole desired state, refusing it as [`diff`] would.
+    pub fn from_config(desired: &DeviceConfig) -> Result<Self, DesiredStateError> {
+        check_desired(desired)?;
+        let mut owners = HashMap::new();
+        for p in &desired.peers {
+            for n in &p.allowed_ips {
+                owners.insert(n.trunc(), p.public_key);
+            }
+        }
+        Ok(PrefixOwners { owners })
+    }
+
+    /// Records `new` as the desired configuration of its peer (replacing `old`, its previous
+    /// one, if any), or refuses it without changing anything if one of its prefixes belongs to
+    /// another peer.
+    pub fn upsert(
+        &mut self,
+        old: Option<&PeerConfig>,
+        new: &PeerConfig,
+    ) -> Result<(), DesiredStateError> {
+        for n in &new.allowed_ips {
+            let prefix = n.trunc();
+            if let Some(owner) = self.owners.get(&prefix)
+                && *owner != new.public_key
+            {
+                return Err(DesiredStateError::DuplicateAllowedIp {
+                    prefix,
+                    first: *owner,
+                    second: new.public_key,
+                });
+            }
+        }
+        if let Some(old) = old {
+            self.remove(old);
+        }
+        for n in &new.allowed_ips {
+            self.owners.insert(n.trunc(), new.public_key);
+        }
+        Ok(())
+    }
+
+    /// Forgets a peer's prefixes.
+    pub fn remove(&mut self, peer: &PeerConfig) {
+        for n in &peer.allowed_ips {
+            let prefix = n.trunc();
+            if self.owners.get(&prefix) == Some(&peer.public_key) {
+                self.owners.remove(&prefix);
+            }
+        }
+    }
+
+    /// The peer that owns `prefix`, if any.
+    pub fn owner(&self, prefix: &IpNet) -> Option<&Key> {
+        self.owners.get(&prefix.trunc())
+    }
+}
+
 /// Refuses duplicate peers and prefixes given to two peers.
 pub fn check_desired(desired: &DeviceConfig) -> Result<(), DesiredStateError> {
     let mut owner: HashMap<IpNet, &Key> = HashMap::new();

@@ -28,6 +28,7 @@ mod testutil;
 
 pub use backend::{BackendChoice, BackendKind, BackendPreference, ReconcileError, WgBackend};
 pub use diff::{
-    AllowedIpsChange, Capabilities, DesiredStateError, DeviceDiff, PeerChange, PeerUpdate, diff,
+    AllowedIpsChange, Capabilities, DesiredStateError, DeviceDiff, PeerChange, PeerUpdate,
+    PrefixOwners, diff, diff_peer,
 };
 pub use model::{DeviceConfig, DeviceState, Key, PeerConfig, PeerState};

@@ -82,6 +82,53 @@ proptest! {
         prop_assert!(d.peers.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])));
     }
 
+    /// The per-peer diff agrees with the whole-device diff, peer by peer.
+    #[test]
+    fn diff_peer_agrees_with_diff(
+        actual in arb_state(),
+        desired in arb_config(),
+        removal in any::<bool>(),
+    ) {
+        let caps = Capabilities { allowed_ip_removal: removal };
+        let whole = diff(&actual, &desired, caps).expect("valid");
+        let mut keys: Vec<Key> = actual.peers.iter().map(|p| p.config.public_key).collect();
+        keys.extend(desired.peers.iter().map(|p| p.public_key));
+        keys.sort();
+        keys.dedup();
+        for k in keys {
+            let have = actual.peers.iter().find(|p| p.config.public_key == k).map(|p| &p.config);
+            let want = desired.peers.iter().find(|p| p.public_key == k);
+            let one = diff_peer(have, want, caps);
+            let from_whole = whole.peers.iter().find(|c| *c.public_key() == k).cloned();
+            prop_assert_eq!(one, from_whole);
+        }
+    }
+
+    /// Building the owner index peer by peer accepts exactly the states `diff` accepts.
+    #[test]
+    fn prefix_owners_incremental_matches_whole_check(
+        desired in arb_config(),
+        extra in arb_config(),
+    ) {
+        let mut owners = PrefixOwners::from_config(&desired).expect("valid");
+        for p in &extra.peers {
+            let old = desired.peers.iter().find(|d| d.public_key == p.public_key);
+            let mut next = desired.clone();
+            next.peers.retain(|d| d.public_key != p.public_key);
+            next.peers.push(p.clone());
+            let whole = check_desired(&next);
+            let mut trial = owners.clone();
+            let incremental = trial.upsert(old, p);
+            prop_assert_eq!(whole.is_ok(), incremental.is_ok(), "{:?} vs {:?}", whole, incremental);
+        }
+        if let Some(p) = desired.peers.first() {
+            owners.remove(p);
+            for n in &p.allowed_ips {
+                prop_assert_eq!(owners.owner(n), None);
+            }
+        }
+    }
+
     #[test]
     fn diff_of_a_state_against_itself_is_empty(desired in arb_config()) {
         let caps = Capabilities::default();

@@ -17,10 +17,10 @@
 
 use netlink_packet_core::{Emitable, NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage};
 use netlink_packet_generic::GenlMessage;
+pub use netlink_packet_wireguard::WireguardMessage;
 use netlink_packet_wireguard::{
     WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAllowedIpFlags,
-    WireguardAttribute, WireguardCmd, WireguardMessage, WireguardPeer, WireguardPeerAttribute,
-    WireguardPeerFlags,
+    WireguardAttribute, WireguardCmd, WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
 };
 
 use crate::{
