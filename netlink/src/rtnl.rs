@@ -19,7 +19,7 @@ use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
     link::{LinkAttribute, LinkFlags, LinkMessage},
     route::{RouteAddress, RouteAttribute, RouteMessage},
-    rule::{RuleAttribute, RuleMessage},
+    rule::{RuleAction, RuleAttribute, RuleMessage},
 };
 use rtnetlink::{Handle, IpVersion, LinkUnspec, LinkWireguard, RouteMessageBuilder};
 
@@ -367,6 +367,9 @@ impl Rtnl {
             .rule()
             .add()
             .table_id(rule.table)
+            // rtnetlink leaves the action unspecified, which the kernel answers with EINVAL on
+            // every lookup that reaches the rule: all routing in the namespace breaks.
+            .action(RuleAction::ToTable)
             .priority(rule.priority);
         let res = if rule.ipv6 {
             req.v6().execute().await
