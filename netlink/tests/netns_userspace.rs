@@ -19,3 +19,8 @@ fn userspace_drift_is_corrected() {
 fn userspace_peer_removal_stops_traffic() {
     scenario::peer_removal_stops_traffic::<Userspace>();
 }
+
+#[test]
+fn userspace_addresses_and_routes_read_back() {
+    scenario::addresses_and_routes_read_back::<Userspace>();
+}

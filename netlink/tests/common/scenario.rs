@@ -12,7 +12,10 @@ use std::{
 };
 
 use lemonade_nexus_netlink::{
-    DeviceConfig, Key, PeerChange, PeerConfig, WgBackend, model::IpNet, model::PrivateKey,
+    DeviceConfig, Key, PeerChange, PeerConfig, WgBackend,
+    model::IpNet,
+    model::PrivateKey,
+    rtnl::{LinkConfig, Rtnl},
 };
 
 use super::{Flavor, Netns, keypair, must, run, unique_name};
@@ -96,11 +99,38 @@ impl Node {
         );
     }
 
-    /// Gives the device its tunnel address and brings it up.
-    pub fn address_and_up(&self) {
-        let addr = format!("{}/24", self.tunnel);
-        self.ns.ip(&["address", "add", &addr, "dev", &self.ifname]);
-        self.ns.ip(&["link", "set", &self.ifname, "up"]);
+    /// The link configuration the scenario uses: up, MTU 1380, the tunnel address (v4 and v6)
+    /// and a route to the other side's network in a dedicated table with its policy rule.
+    pub fn link_config(&self) -> LinkConfig {
+        let host = self.tunnel.octets()[3];
+        LinkConfig {
+            up: true,
+            mtu: Some(1380),
+            addresses: vec![
+                IpNet::new(self.tunnel.into(), 24).expect("prefix"),
+                format!("fd77::{host}/64").parse().expect("v6"),
+            ],
+            routes: vec![
+                "10.177.0.0/24".parse().expect("route"),
+                "fd77:1::/64".parse().expect("route"),
+            ],
+            table: 1077,
+            rule_priority: Some(10770),
+        }
+    }
+
+    /// Gives the device its addresses, routes and rule and brings it up, through the crate's
+    /// rtnetlink reconciler. Returns whether anything changed.
+    pub fn reconcile_link(&self) -> bool {
+        let want = self.link_config();
+        self.ns.block_on(|| async {
+            let rtnl = Rtnl::connect().expect("rtnetlink");
+            let changes = rtnl
+                .reconcile_link(&self.ifname, &want)
+                .await
+                .expect("reconcile_link");
+            !changes.is_empty()
+        })
     }
 
     /// `ping` from this node; true if at least one reply came back.
@@ -209,17 +239,39 @@ impl Pair {
                 matches!(changes.as_slice(), [PeerChange::Add(p)] if p.public_key == other.public),
                 "a fresh device gets exactly one Add, got {changes:?}"
             );
-            me.address_and_up();
+            assert!(
+                me.reconcile_link(),
+                "a fresh link gets addresses and routes"
+            );
         }
         pair
     }
 
     /// Waits for the tunnel to carry a ping from a to b (the first one waits for the handshake).
+    /// On failure, prints both sides' links, addresses, routes, rules and `wg show`.
     pub fn ping_a_to_b(&self) -> bool {
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if self.a.ping(self.b.tunnel, 1) {
                 return true;
+            }
+        }
+        for n in [&self.a, &self.b] {
+            for args in [
+                &["ip", "-d", "link"][..],
+                &["ip", "address"],
+                &["ip", "route", "show", "table", "all"],
+                &["ip", "rule"],
+                &["wg", "show", &n.ifname],
+            ] {
+                let out = run(n.ns.cmd(args[0]).args(&args[1..]));
+                eprintln!(
+                    "[{}] {}:\n{}{}",
+                    n.ns.name,
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
         }
         false
@@ -391,4 +443,70 @@ pub fn peer_removal_stops_traffic<F: Flavor>() {
     // And back.
     pair.a.reconcile::<F>(&pair.a.desired(Some(&pair.b)));
     assert!(pair.ping_a_to_b(), "traffic after re-adding the peer");
+}
+
+/// Addresses (IPv4 and IPv6), MTU, routes in the dedicated table and the policy rules read back
+/// through rtnetlink and `ip`; a route and an address an operator deletes come back on the next
+/// reconcile, and a second reconcile changes nothing.
+pub fn addresses_and_routes_read_back<F: Flavor>() {
+    let pair = Pair::new::<F>();
+    let a = &pair.a;
+    let want = a.link_config();
+    let (addrs, routes, rules, link) = a.ns.block_on(|| async {
+        let rtnl = Rtnl::connect().expect("rtnetlink");
+        let link = rtnl
+            .link(&a.ifname)
+            .await
+            .expect("link")
+            .expect("link exists");
+        let addrs = rtnl.addresses(link.index).await.expect("addresses");
+        let routes = rtnl.routes(link.index, want.table).await.expect("routes");
+        let rules = rtnl.rules(want.table).await.expect("rules");
+        (addrs, routes, rules, link)
+    });
+    assert!(link.up, "link up");
+    assert_eq!(link.mtu, Some(1380), "mtu");
+    for addr in &want.addresses {
+        assert!(
+            addrs.contains(addr),
+            "address {addr} read back from {addrs:?}"
+        );
+    }
+    let dests: BTreeSet<IpNet> = routes.iter().map(|r| r.destination).collect();
+    assert_eq!(
+        dests,
+        want.routes.iter().copied().collect(),
+        "routes in table {}",
+        want.table
+    );
+    assert_eq!(rules.len(), 2, "one rule per family: {rules:?}");
+
+    // The same, as the operator sees it.
+    let shown = must(
+        a.ns.cmd("ip")
+            .args(["-o", "address", "show", "dev", &a.ifname]),
+    );
+    assert!(
+        shown.contains("10.77.0.1/24") && shown.contains("fd77::1/64"),
+        "{shown}"
+    );
+    let shown = must(a.ns.cmd("ip").args(["route", "show", "table", "1077"]));
+    assert!(shown.contains("10.177.0.0/24"), "{shown}");
+    // A rule whose action is not "lookup" would make every route lookup fail with EINVAL.
+    let shown = must(a.ns.cmd("ip").args(["rule", "show", "priority", "10770"]));
+    assert_eq!(shown.trim(), "10770:\tfrom all lookup 1077", "policy rule");
+
+    // Drift: an operator deletes a route and an address.
+    a.ns.ip(&["route", "del", "10.177.0.0/24", "table", "1077"]);
+    a.ns.ip(&["address", "del", "fd77::1/64", "dev", &a.ifname]);
+    assert!(a.reconcile_link(), "reconcile restores what was deleted");
+    let shown = must(a.ns.cmd("ip").args(["route", "show", "table", "1077"]));
+    assert!(shown.contains("10.177.0.0/24"), "route restored: {shown}");
+    let shown = must(
+        a.ns.cmd("ip")
+            .args(["-o", "address", "show", "dev", &a.ifname]),
+    );
+    assert!(shown.contains("fd77::1/64"), "address restored: {shown}");
+    assert!(!a.reconcile_link(), "converged: nothing left to change");
+    assert!(pair.ping_a_to_b(), "tunnel still carries traffic");
 }
