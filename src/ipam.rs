@@ -677,9 +677,9 @@ impl Ipam {
     pub fn next_block_to_claim(&self, server: &PublicKey) -> Result<u32, IpamError> {
         let count = u64::from(self.data.config.block_count());
         let h = key_hash(b"ln-block-order:v1", server);
-        let start = (h[0] as u64) % count;
+        let start = h[0] % count;
         // An odd step is coprime with the power-of-two block count: a full permutation.
-        let step = ((h[1] as u64) % count) | 1;
+        let step = (h[1] % count) | 1;
         (0..count)
             .map(|i| ((start + i * step) % count) as u32)
             .find(|b| !self.data.blocks.contains_key(b))
@@ -1095,7 +1095,8 @@ mod tests {
 
     #[test]
     fn bad_configs_name_the_option() {
-        let cases: [(fn(&mut IpamConfig), &str); 6] = [
+        type Case = (fn(&mut IpamConfig), &'static str);
+        let cases: [Case; 6] = [
             (
                 |c| c.tunnel_v4 = "10.64.0.0/26".parse().expect("net"),
                 "tunnel_v4",

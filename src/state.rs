@@ -203,6 +203,12 @@ impl State {
         out
     }
 
+    /// Every live row of every table (what the store writes after a full refold, having cleared
+    /// the state tables first).
+    pub fn rows(&self) -> Vec<RowChange> {
+        State::assemble(self.tree.clone(), self.ipam.clone(), true).take_changes()
+    }
+
     /// Rows changed since the last call (after `new`, every live row).
     pub fn take_changes(&mut self) -> Vec<RowChange> {
         let mut rows = Vec::new();
@@ -404,3 +410,6 @@ impl Write for HashWriter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
