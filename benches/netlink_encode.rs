@@ -91,7 +91,7 @@ fn bytes_of(msgs: Vec<lemonade_nexus_netlink::kernel::encode::WireguardMessage>)
 fn report_sizes() {
     println!("\nProgramming N mesh peers into an empty device (netlink messages and bytes):");
     println!(
-        "{:>7} | {:>14} {:>12} | {:>16} {:>12} | {:>9}",
+        "{:>7} | {:>16} {:>12} | {:>17} {:>12} | {:>9}",
         "N", "packed 4KiB msgs", "bytes", "one-per-peer msgs", "bytes", "msg ratio"
     );
     for n in SIZES {

@@ -14,7 +14,7 @@
 //!   port the device picked.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddr,
 };
 
@@ -156,7 +156,7 @@ pub fn diff(
         .iter()
         .map(|p| (&p.config.public_key, &p.config))
         .collect();
-    let desired_keys: BTreeSet<&Key> = desired.peers.iter().map(|p| &p.public_key).collect();
+    let desired_keys: HashSet<&Key> = desired.peers.iter().map(|p| &p.public_key).collect();
 
     // Removals first, in key order so the output is deterministic.
     let mut removals: Vec<&Key> = actual
@@ -271,8 +271,8 @@ impl PrefixOwners {
 
 /// Refuses duplicate peers and prefixes given to two peers.
 pub fn check_desired(desired: &DeviceConfig) -> Result<(), DesiredStateError> {
-    let mut owner: HashMap<IpNet, &Key> = HashMap::new();
-    let mut seen: BTreeSet<&Key> = BTreeSet::new();
+    let mut owner: HashMap<IpNet, &Key> = HashMap::with_capacity(desired.peers.len() * 2);
+    let mut seen: HashSet<&Key> = HashSet::with_capacity(desired.peers.len());
     for peer in &desired.peers {
         if !seen.insert(&peer.public_key) {
             return Err(DesiredStateError::DuplicatePeer(peer.public_key));
@@ -302,6 +302,19 @@ pub fn check_desired(desired: &DeviceConfig) -> Result<(), DesiredStateError> {
 pub fn canonical_allowed_ips(ips: &[IpNet]) -> Vec<IpNet> {
     let set: BTreeSet<IpNet> = ips.iter().map(IpNet::trunc).collect();
     set.into_iter().collect()
+}
+
+/// Whether two allowed-IP lists hold the same prefixes (as sets, host bits cleared). Mesh peers
+/// have one or two prefixes, so short lists are compared without allocating.
+fn same_prefixes(a: &[IpNet], b: &[IpNet]) -> bool {
+    if a.len() <= 8 && b.len() <= 8 {
+        let covered =
+            |x: &[IpNet], y: &[IpNet]| x.iter().all(|p| y.iter().any(|q| q.trunc() == p.trunc()));
+        return covered(a, b) && covered(b, a);
+    }
+    let a: BTreeSet<IpNet> = a.iter().map(IpNet::trunc).collect();
+    let b: BTreeSet<IpNet> = b.iter().map(IpNet::trunc).collect();
+    a == b
 }
 
 /// A keepalive of `None` and `Some(0)` both mean off.
@@ -344,9 +357,9 @@ fn peer_update(have: &PeerConfig, want: &PeerConfig, caps: Capabilities) -> Opti
     if keepalive(have.persistent_keepalive) != keepalive(want.persistent_keepalive) {
         update.persistent_keepalive = Some(keepalive(want.persistent_keepalive));
     }
-    let have_ips: BTreeSet<IpNet> = have.allowed_ips.iter().map(IpNet::trunc).collect();
-    let want_ips: BTreeSet<IpNet> = want.allowed_ips.iter().map(IpNet::trunc).collect();
-    if have_ips != want_ips {
+    if !same_prefixes(&have.allowed_ips, &want.allowed_ips) {
+        let have_ips: BTreeSet<IpNet> = have.allowed_ips.iter().map(IpNet::trunc).collect();
+        let want_ips: BTreeSet<IpNet> = want.allowed_ips.iter().map(IpNet::trunc).collect();
         let remove: Vec<IpNet> = have_ips.difference(&want_ips).copied().collect();
         let add: Vec<IpNet> = want_ips.difference(&have_ips).copied().collect();
         update.allowed_ips = if remove.is_empty() || caps.allowed_ip_removal {

@@ -1,6 +1,6 @@
 //! Running code inside a private network namespace (tests, probes).
 
-use std::{future::Future, io, thread};
+use std::{fs::File, future::Future, io, os::fd::AsRawFd, path::PathBuf, thread};
 
 /// Runs `f` on a new thread that first moves into a fresh network namespace
 /// (`unshare(CLONE_NEWNET)`), inside a current-thread tokio runtime built after the move, so
@@ -18,6 +18,34 @@ where
         // SAFETY: unshare takes no pointers; CLONE_NEWNET only changes the network namespace of
         // this thread (network namespaces are per thread), which is what we want.
         let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(rt.block_on(f()))
+    })?;
+    match worker.join() {
+        Ok(r) => r,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+/// Runs `f` like [`run_in_new_netns`], but inside an existing network namespace given by a path
+/// such as `/run/netns/NAME` (what `ip netns add NAME` creates).
+pub fn run_in_netns<F, Fut, T>(path: impl Into<PathBuf>, f: F) -> io::Result<T>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = T>,
+    T: Send + 'static,
+{
+    let path = path.into();
+    let worker = thread::Builder::new().name("netns".into()).spawn(move || {
+        let ns = File::open(&path)?;
+        // SAFETY: `ns` is an open file descriptor for the duration of the call; setns with
+        // CLONE_NEWNET only moves this thread into that network namespace.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }

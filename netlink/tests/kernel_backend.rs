@@ -452,3 +452,177 @@ fn kernel_routes_and_addresses_on_a_wireguard_link() {
         },
     );
 }
+
+/// Named network namespaces created with `ip netns add`, deleted on drop (even on failure).
+struct NamedNetns(Vec<String>);
+
+impl NamedNetns {
+    fn create(names: &[String]) -> Self {
+        let mut guard = NamedNetns(Vec::new());
+        for n in names {
+            sh(&["ip", "netns", "add", n]);
+            guard.0.push(n.clone());
+        }
+        guard
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        for n in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run command");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ping(ns: &str, addr: &str) -> bool {
+    Command::new("ip")
+        .args([
+            "netns", "exec", ns, "ping", "-c", "2", "-i", "0.2", "-W", "2", addr,
+        ])
+        .output()
+        .expect("run ping")
+        .status
+        .success()
+}
+
+/// Configures `wg0` in namespace `ns` through the crate: the device, its peers, its address.
+fn configure(ns: &str, config: DeviceConfig, address: &str) -> DeviceState {
+    let address = net(address);
+    lemonade_nexus_netlink::netns::run_in_netns(format!("/run/netns/{ns}"), move || async move {
+        let wg = KernelBackend::connect(Budget::default())
+            .await
+            .expect("kernel backend");
+        wg.ensure_device("wg0").await.expect("create");
+        wg.reconcile("wg0", &config).await.expect("reconcile");
+        let link = LinkConfig {
+            up: true,
+            mtu: Some(1420),
+            addresses: vec![address],
+            routes: vec![],
+            table: 51820,
+            rule_priority: None,
+        };
+        wg.rtnl().reconcile_link("wg0", &link).await.expect("link");
+        wg.get("wg0").await.expect("dump")
+    })
+    .expect("enter namespace")
+}
+
+#[test]
+fn kernel_traffic_flows_between_namespaces_and_stops_when_the_peer_is_removed() {
+    // Only meaningful with kernel WireGuard; with_kernel fails or skips otherwise.
+    with_kernel("kernel_traffic_flows_between_namespaces", |_| async move {
+        let pid = std::process::id();
+        let (a, b) = (format!("lnta{pid}"), format!("lntb{pid}"));
+        let _guard = NamedNetns::create(&[a.clone(), b.clone()]);
+        sh(&[
+            "ip", "-n", &a, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", &b,
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &a,
+            "addr",
+            "add",
+            "192.168.77.1/24",
+            "dev",
+            "va",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &b,
+            "addr",
+            "add",
+            "192.168.77.2/24",
+            "dev",
+            "vb",
+        ]);
+        for (ns, dev) in [(&a, "va"), (&b, "vb")] {
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        let (ka, kb) = (PrivateKey(Key([0x11; 32])), PrivateKey(Key([0x22; 32])));
+        let base = |k: &PrivateKey, port| DeviceConfig {
+            private_key: Some(k.clone()),
+            listen_port: Some(port),
+            ..Default::default()
+        };
+        // First the keys, to learn each side's public key from the kernel.
+        let pa = configure(&a, base(&ka, 51001), "10.77.0.1/24")
+            .public_key
+            .expect("pub a");
+        let pb = configure(&b, base(&kb, 51002), "10.77.0.2/24")
+            .public_key
+            .expect("pub b");
+        let with_peer = |k: &PrivateKey, port, peer: Key, ep: &str, ip: &str| {
+            let mut c = base(k, port);
+            c.peers.push(PeerConfig {
+                public_key: peer,
+                preshared_key: None,
+                endpoint: Some(ep.parse().expect("endpoint")),
+                persistent_keepalive: None,
+                allowed_ips: vec![net(ip)],
+            });
+            c
+        };
+        configure(
+            &a,
+            with_peer(&ka, 51001, pb, "192.168.77.2:51002", "10.77.0.2/32"),
+            "10.77.0.1/24",
+        );
+        configure(
+            &b,
+            with_peer(&kb, 51002, pa, "192.168.77.1:51001", "10.77.0.1/32"),
+            "10.77.0.2/24",
+        );
+        assert!(
+            ping(&a, "10.77.0.2"),
+            "ping through the kernel tunnel failed"
+        );
+        // A TCP transfer across the tunnel.
+        let listener = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &b,
+                "sh",
+                "-c",
+                "nc -l -p 7777 -q 1 | wc -c",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("nc listen");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &a,
+            "sh",
+            "-c",
+            "head -c 1000000 /dev/zero | nc -q 1 -w 5 10.77.0.2 7777",
+        ]);
+        let out = listener.wait_with_output().expect("nc result");
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1000000");
+        // Removing the peer (desired state without it) stops the traffic.
+        configure(&a, base(&ka, 51001), "10.77.0.1/24");
+        assert!(
+            !ping(&a, "10.77.0.2"),
+            "traffic still flows after the peer was removed"
+        );
+    });
+}
