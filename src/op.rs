@@ -12,6 +12,8 @@
 //!   a server cannot invent changes in an administrator's name. When author == origin (the server
 //!   acting for itself, e.g. claiming an IPAM block) there is no proof: the envelope signature is
 //!   the author's.
+//! * A request `(author, nonce)` takes effect at most once: the store folds a later op carrying
+//!   the same request with no effect (`store::NoEffect::ReplayedRequest`).
 //!
 //! The payload of an op envelope is [`LoggedOp`] `{op, author_proof}`; [`Op`] itself is what the
 //! state fold sees.

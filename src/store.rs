@@ -2,7 +2,8 @@
 //!
 //! Tables, encodings and versions are documented in `data-schema/redb-tables.md`. In short:
 //! `op_log` holds every op envelope by `(origin, seq)`, `heads` the highest seq per origin,
-//! `fold_index` every op by its fold position `(hlc, origin, seq)`, `meta` the store schema
+//! `fold_index` every op by its fold position `(hlc, origin, seq)`, `request_ids` the author
+//! requests already used (a request takes effect once), `meta` the store schema
 //! version, the trust anchor and a digest of the state rows, and one `state_*` table per
 //! [`StateTable`] holds the rows [`State::take_changes`] produced.
 //!
@@ -50,6 +51,9 @@ const OP_LOG: TableDefinition<&[u8], &[u8]> = TableDefinition::new("op_log");
 const HEADS: TableDefinition<&[u8], u64> = TableDefinition::new("heads");
 /// fold key (52 bytes, see [`op::FoldKey`]) → empty.
 const FOLD_INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("fold_index");
+/// author (32 bytes) ‖ request nonce (u64 BE) → fold key of the op that used the author's request.
+/// An author's request takes effect at most once: later ops carrying it are replays.
+const REQUEST_IDS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("request_ids");
 /// Store-level facts: see the `META_*` keys.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -65,10 +69,38 @@ pub enum Submitted {
     Appended {
         origin: PublicKey,
         seq: u64,
-        effect: Result<(), Rejection>,
+        effect: Result<(), NoEffect>,
     },
     /// Already in the log (same bytes): nothing done.
     Duplicate { origin: PublicKey, seq: u64 },
+}
+
+/// Why an appended op had no effect (identically on every server).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoEffect {
+    /// The state refused it (authorization, invariants).
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// It carries an author's request that an earlier op (in fold order) already used.
+    #[error(
+        "author {author}'s request with nonce {nonce} was already used by an earlier op: replay"
+    )]
+    ReplayedRequest { author: PublicKey, nonce: u64 },
+}
+
+/// The id of the author request an op carries: author ‖ nonce.
+fn request_id(l: &LoggedOp) -> Option<[u8; 40]> {
+    l.author_proof
+        .as_ref()
+        .map(|p| log_key(&l.op.author, p.nonce))
+}
+
+fn replayed(l: &LoggedOp) -> NoEffect {
+    let nonce = l.author_proof.as_ref().map(|p| p.nonce).unwrap_or(0);
+    NoEffect::ReplayedRequest {
+        author: l.op.author,
+        nonce,
+    }
 }
 
 /// Why an op was not appended, or the store could not be used. Messages say what to do.
@@ -328,6 +360,7 @@ impl Store {
             let mut log = tx.open_table(OP_LOG)?;
             let mut heads = tx.open_table(HEADS)?;
             let mut fold = tx.open_table(FOLD_INDEX)?;
+            let mut requests = tx.open_table(REQUEST_IDS)?;
             let mut tables = open_state_tables(tx)?;
             for v in verified {
                 let v = match v {
@@ -376,7 +409,15 @@ impl Store {
                 fold.insert(&fk[..], &[][..])?;
                 let sorts_last = self.last_fold.is_none_or(|last| fk > last);
                 if !needs_refold && sorts_last {
-                    let effect = self.state.apply(op);
+                    let effect = match request_id(&v.logged) {
+                        Some(id) if requests.get(&id[..])?.is_some() => Err(replayed(&v.logged)),
+                        id => {
+                            if let Some(id) = id {
+                                requests.insert(&id[..], &fk[..])?;
+                            }
+                            self.state.apply(op).map_err(NoEffect::from)
+                        }
+                    };
                     write_rows(
                         &mut tables,
                         self.state.take_changes(),
@@ -418,15 +459,16 @@ impl Store {
     fn refold_in(
         &mut self,
         tx: &WriteTransaction,
-    ) -> Result<BTreeMap<FoldKey, Result<(), Rejection>>, StoreError> {
+    ) -> Result<BTreeMap<FoldKey, Result<(), NoEffect>>, StoreError> {
         self.refolds += 1;
-        let (state, effects, last) = {
+        let folded = {
             let log = tx.open_table(OP_LOG)?;
             let fold = tx.open_table(FOLD_INDEX)?;
             fold_log(&log, &fold, self.root, &self.ipam_config)?
         };
-        self.state = state;
-        self.last_fold = last;
+        self.state = folded.state;
+        self.last_fold = folded.last;
+        write_requests(tx, &folded.requests)?;
         for t in StateTable::ALL {
             tx.delete_table(state_def(t))?;
         }
@@ -437,7 +479,7 @@ impl Store {
             self.state.take_changes(),
             &mut self.rows_digest,
         )?;
-        Ok(effects)
+        Ok(folded.effects)
     }
 
     /// Re-reads everything from the database (after a failed transaction).
@@ -543,12 +585,21 @@ impl Store {
     /// state. Returns the state hash on success.
     pub fn verify_against_log(&self) -> Result<[u8; 32], StoreError> {
         let rtx = self.db.begin_read()?;
-        let (mut fresh, _, _) = fold_log(
+        let Folded {
+            state: mut fresh,
+            requests,
+            ..
+        } = fold_log(
             &rtx.open_table(OP_LOG)?,
             &rtx.open_table(FOLD_INDEX)?,
             self.root,
             &self.ipam_config,
         )?;
+        if requests != read_requests(&rtx)? {
+            return Err(StoreError::Corrupt(
+                "stored request ids differ from the fold of the log".into(),
+            ));
+        }
         // A fresh fold reports deletions of rows that never reached a table; keep the live ones.
         let mut expected: Vec<RowChange> = fresh
             .take_changes()
@@ -670,12 +721,16 @@ fn load(db: &impl ReadableDatabase) -> Result<Loaded, StoreError> {
     })
 }
 
-/// A fresh fold: the state, each op's effect by fold key, and the last fold key.
-type Folded = (
-    State,
-    BTreeMap<FoldKey, Result<(), Rejection>>,
-    Option<FoldKey>,
-);
+/// A fresh fold of the whole log.
+struct Folded {
+    state: State,
+    /// Each op's effect, by fold key.
+    effects: BTreeMap<FoldKey, Result<(), NoEffect>>,
+    /// The last fold key.
+    last: Option<FoldKey>,
+    /// The author requests used, and by which op (the `request_ids` table).
+    requests: BTreeMap<[u8; 40], FoldKey>,
+}
 
 /// Folds every op of the log in fold order into a fresh state.
 fn fold_log(
@@ -686,6 +741,7 @@ fn fold_log(
 ) -> Result<Folded, StoreError> {
     let mut state = State::with_ipam_config(root, ipam.clone()).map_err(StoreError::Corrupt)?;
     let mut effects = BTreeMap::new();
+    let mut requests = BTreeMap::new();
     let mut last = None;
     for e in fold.iter()? {
         let (k, _) = e?;
@@ -694,10 +750,24 @@ fn fold_log(
             .try_into()
             .map_err(|_| StoreError::Corrupt("bad fold key".into()))?;
         let logged = read_logged(log, &fk)?;
-        effects.insert(fk, state.apply(&logged.op));
+        let effect = match request_id(&logged) {
+            Some(id) if requests.contains_key(&id) => Err(replayed(&logged)),
+            id => {
+                if let Some(id) = id {
+                    requests.insert(id, fk);
+                }
+                state.apply(&logged.op).map_err(NoEffect::from)
+            }
+        };
+        effects.insert(fk, effect);
         last = Some(fk);
     }
-    Ok((state, effects, last))
+    Ok(Folded {
+        state,
+        effects,
+        last,
+        requests,
+    })
 }
 
 /// Reads and decodes the op at fold key `fk` (bytes from our own log: verified before they were
@@ -808,6 +878,37 @@ fn read_state_rows(rtx: &redb::ReadTransaction) -> Result<(Vec<RowChange>, Diges
     Ok((rows, digest))
 }
 
+/// Replaces the `request_ids` table with `requests`.
+fn write_requests(
+    tx: &WriteTransaction,
+    requests: &BTreeMap<[u8; 40], FoldKey>,
+) -> Result<(), StoreError> {
+    tx.delete_table(REQUEST_IDS)?;
+    let mut t = tx.open_table(REQUEST_IDS)?;
+    for (id, fk) in requests {
+        t.insert(&id[..], &fk[..])?;
+    }
+    Ok(())
+}
+
+fn read_requests(rtx: &redb::ReadTransaction) -> Result<BTreeMap<[u8; 40], FoldKey>, StoreError> {
+    let t = match rtx.open_table(REQUEST_IDS) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut out = BTreeMap::new();
+    for e in t.iter()? {
+        let (k, v) = e?;
+        let bad = || StoreError::Corrupt("bad request_ids row".into());
+        out.insert(
+            k.value().try_into().map_err(|_| bad())?,
+            v.value().try_into().map_err(|_| bad())?,
+        );
+    }
+    Ok(out)
+}
+
 fn write_digest(tx: &WriteTransaction, d: &Digest) -> Result<(), StoreError> {
     tx.open_table(META)?
         .insert(META_ROWS_DIGEST, &d.to_bytes()[..])?;
@@ -844,6 +945,7 @@ fn init_tables(db: &Database, root: PublicKey, mut state: State) -> Result<(), S
         tx.open_table(OP_LOG)?;
         tx.open_table(HEADS)?;
         tx.open_table(FOLD_INDEX)?;
+        tx.open_table(REQUEST_IDS)?;
         let mut meta = tx.open_table(META)?;
         meta.insert(META_SCHEMA, &STORE_SCHEMA_VERSION.to_be_bytes()[..])?;
         meta.insert(META_ROOT, &root.as_bytes()[..])?;
@@ -883,11 +985,16 @@ fn migrate(db: &Database, from: u64, root: PublicKey) -> Result<(), StoreError> 
                 fold.insert(&logged.op.fold_key()[..], &[][..])?;
             }
         }
-        let (mut state, _, _) = {
+        let Folded {
+            mut state,
+            requests,
+            ..
+        } = {
             let log = tx.open_table(OP_LOG)?;
             let fold = tx.open_table(FOLD_INDEX)?;
             fold_log(&log, &fold, root, &IpamConfig::default())?
         };
+        write_requests(&tx, &requests)?;
         let mut digest = Digest::default();
         {
             let mut tables = open_state_tables(&tx)?;

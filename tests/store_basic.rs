@@ -394,3 +394,71 @@ fn drifted_state_tables_are_rebuilt_from_the_log() {
     assert_eq!(s.state_hash(), hash);
     s.verify_against_log().expect("consistent after repair");
 }
+
+#[test]
+fn an_author_request_takes_effect_at_most_once() {
+    use lemonade_nexus::op::{LoggedOp, Op};
+    use lemonade_nexus::store::NoEffect;
+    let (admin, b, c) = (key(1), key(2), key(3));
+    let t = 1_000_000;
+    let req = op::seal_request(
+        admin.pair(),
+        &create(NodeId::ROOT, "corp", false),
+        t,
+        t + 60_000,
+        5,
+    );
+    let acc = op::open_request(&req, t, 0).expect("request");
+    let carry = |origin: &lemonade_nexus::identity::NodeKey, seq, wall| {
+        let op = Op {
+            origin: origin.public(),
+            seq,
+            hlc: hlc(wall),
+            author: admin.public(),
+            body: acc.body.clone(),
+        };
+        op::seal_op(
+            origin.pair(),
+            &LoggedOp {
+                op,
+                author_proof: Some(acc.proof.clone()),
+            },
+        )
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut s = new_store(&dir);
+    assert!(effect_ok(
+        &s.submit(&carry(&b, 1, t + 10), t + 10).expect("first use")
+    ));
+    // The same server replays it.
+    match s.submit(&carry(&b, 2, t + 20), t + 20).expect("logged") {
+        Submitted::Appended {
+            effect: Err(NoEffect::ReplayedRequest { nonce: 5, .. }),
+            ..
+        } => {}
+        other => panic!("expected a replay, got {other:?}"),
+    }
+    // Another server carried it too, earlier in fold order, and its op arrives late: now that one
+    // is the first use and server b's op becomes the replay, on every server alike.
+    assert!(effect_ok(
+        &s.submit(&carry(&c, 1, t + 5), t + 30).expect("late")
+    ));
+    assert!(
+        s.state()
+            .tree()
+            .get(&NodeId::derive(&c.public(), 1))
+            .is_some()
+    );
+    assert!(
+        s.state()
+            .tree()
+            .get(&NodeId::derive(&b.public(), 1))
+            .is_none()
+    );
+    s.verify_against_log().expect("consistent");
+    let path = dir.path().join("state.redb");
+    drop(s);
+    let (s, report) = Store::open(&path).expect("reopen");
+    assert!(!report.repaired);
+    s.verify_against_log().expect("consistent after reopen");
+}
