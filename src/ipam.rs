@@ -410,6 +410,9 @@ pub struct Ipam {
     by_slot: BTreeMap<u32, NodeId>,
     /// block -> number of leased slots.
     used: BTreeMap<u32, u32>,
+    /// (holder, block) for every claimed block that still has an unleased, unreserved slot: what
+    /// `next_free_address` scans, so full blocks cost nothing.
+    open: BTreeSet<(PublicKey, u32)>,
     /// (pool, base) -> (subnet, node).
     by_base: BTreeMap<(SubnetPool, u32), (Subnet, NodeId)>,
     /// backbone offset -> node.
@@ -444,6 +447,7 @@ impl Ipam {
             held: data.blocks.iter().map(|(b, c)| (c.holder, *b)).collect(),
             by_slot: data.leases.iter().map(|(n, l)| (l.slot, *n)).collect(),
             used: BTreeMap::new(),
+            open: BTreeSet::new(),
             by_base: data
                 .subnets
                 .iter()
@@ -458,6 +462,17 @@ impl Ipam {
                 .used
                 .entry(ipam.data.config.block_of(lease.slot))
                 .or_default() += 1;
+        }
+        let claims: Vec<(u32, PublicKey)> = ipam
+            .data
+            .blocks
+            .iter()
+            .map(|(b, c)| (*b, c.holder))
+            .collect();
+        for (block, holder) in claims {
+            if ipam.has_room(block) {
+                ipam.open.insert((holder, block));
+            }
         }
         ipam
     }
@@ -520,6 +535,9 @@ impl Ipam {
                 };
                 self.data.blocks.insert(*block, claim);
                 self.held.insert((*ctx.origin, *block));
+                if self.has_room(*block) {
+                    self.open.insert((*ctx.origin, *block));
+                }
                 self.dirty.insert(IpamKey::Block(*block));
             }
             IpamOp::ReleaseBlock { block } => {
@@ -534,6 +552,7 @@ impl Ipam {
                 }
                 self.data.blocks.remove(block);
                 self.held.remove(&(*ctx.origin, *block));
+                self.open.remove(&(*ctx.origin, *block));
                 self.dirty.insert(IpamKey::Block(*block));
             }
             IpamOp::AllocateAddress { node, slot } => {
@@ -545,10 +564,11 @@ impl Ipam {
                 };
                 self.data.leases.insert(*node, lease);
                 self.by_slot.insert(*slot, *node);
-                *self
-                    .used
-                    .entry(self.data.config.block_of(*slot))
-                    .or_default() += 1;
+                let block = self.data.config.block_of(*slot);
+                *self.used.entry(block).or_default() += 1;
+                if !self.has_room(block) {
+                    self.open.remove(&(*ctx.origin, block));
+                }
                 if self.data.quarantine.remove(slot).is_some() {
                     self.dirty.insert(IpamKey::Quarantine(*slot));
                 }
@@ -650,23 +670,22 @@ impl Ipam {
     ) -> Result<TunnelAddress, IpamError> {
         let cfg = &self.data.config;
         let size = cfg.block_size();
-        let blocks = self
-            .held
-            .range((*server, 0)..=(*server, u32::MAX))
-            .map(|(_, b)| *b);
-        for block in blocks {
+        let open = self.open.range((*server, 0)..=(*server, u32::MAX));
+        for block in open.map(|(_, b)| *b) {
             let first = block * size;
-            // Skip full blocks without scanning them.
-            if self.used.get(&block).copied().unwrap_or(0) + cfg.reserved_in_block(block) >= size {
-                continue;
-            }
-            let free = (first..first + size).find(|s| {
-                !cfg.is_reserved(*s)
-                    && !self.by_slot.contains_key(s)
-                    && self.grace_over(*s, now).is_ok()
-            });
-            if let Some(slot) = free {
-                return Ok(cfg.address_of(slot));
+            // Walk the block beside its (sorted) leased slots; check the others for reservation
+            // and quarantine.
+            let mut leased = self
+                .by_slot
+                .range(first..first + size)
+                .map(|(s, _)| *s)
+                .peekable();
+            for slot in first..first + size {
+                if leased.peek() == Some(&slot) {
+                    leased.next();
+                } else if !cfg.is_reserved(slot) && self.grace_over(slot, now).is_ok() {
+                    return Ok(cfg.address_of(slot));
+                }
             }
         }
         Err(IpamError::BlocksFull)
@@ -790,6 +809,13 @@ impl Ipam {
     }
 
     // ---- validation helpers ----
+
+    /// Whether `block` has a slot that is neither leased nor reserved.
+    fn has_room(&self, block: u32) -> bool {
+        let cfg = &self.data.config;
+        let used = self.used.get(&block).copied().unwrap_or(0);
+        used + cfg.reserved_in_block(block) < cfg.block_size()
+    }
 
     fn check_claim(&self, block: u32, ctx: OpCtx<'_>) -> Result<(), IpamError> {
         if ctx.author != ctx.origin {
@@ -945,6 +971,9 @@ impl Ipam {
                 if *n == 0 {
                     self.used.remove(&block);
                 }
+            }
+            if let Some(claim) = self.data.blocks.get(&block) {
+                self.open.insert((claim.holder, block));
             }
             self.data.quarantine.insert(lease.slot, hlc);
             self.dirty.insert(IpamKey::Lease(*node));

@@ -36,13 +36,13 @@ fn op(origin: PublicKey, seq: u64, wall_ms: u64, author: PublicKey, body: OpBody
     }
 }
 
-/// A small IPAM so that pools run out and servers collide on blocks: tunnel /24 in 4 blocks of
-/// 64 slots, grace 5 s, private /24 (/26-/30), shared /26 (/28-/30), backbone /28.
+/// A small IPAM so that pools run out and servers collide on blocks: tunnel /24 in 16 blocks of
+/// 16 slots, grace 5 s, private /24 (/26-/30), shared /26 (/28-/30), backbone /28.
 fn small_config() -> IpamConfig {
     IpamConfig {
         tunnel_v4: "10.64.0.0/24".parse().expect("net"),
         tunnel_v6: "fd6c:6e00::/48".parse().expect("net"),
-        block_len: 26,
+        block_len: 28,
         reserved_low: 10,
         reuse_grace_ms: 5000,
         private: "10.128.0.0/24".parse().expect("net"),
@@ -332,7 +332,7 @@ fn rendering_shows_the_tree_and_the_allocations() {
              └── phone  [endpoint]\n"
     );
     let ipam = render_ipam(&state);
-    assert!(ipam.contains("10.64.0.0/26  held by"), "{ipam}");
+    assert!(ipam.contains("10.64.0.0/28  held by"), "{ipam}");
     assert!(ipam.contains("10.64.0.10 fd6c:6e00::a  laptop"), "{ipam}");
     let json = serde_json::to_value(tree_view(&state)).expect("json");
     assert_eq!(json["nodes"].as_array().map(Vec::len), Some(4));
@@ -437,7 +437,7 @@ fn act() -> impl Strategy<Value = Act> {
         1 => i().prop_map(|node| Act::Delete { node }),
         2 => (i(), i(), any::<u16>()).prop_map(|(node, key, perms)| Act::Grant { node, key, perms }),
         1 => (i(), i(), any::<u16>()).prop_map(|(node, key, perms)| Act::Revoke { node, key, perms }),
-        2 => (0..5u8).prop_map(|block| Act::Claim { block }),
+        2 => prop_oneof![0..5u8, 0..17u8].prop_map(|block| Act::Claim { block }),
         1 => (0..5u8).prop_map(|block| Act::ReleaseBlock { block }),
         // Half the leases aim at a few slots of blocks 0 and 1, so releases and reuses collide.
         2 => (i(), 0..260u16).prop_map(|(node, slot)| Act::Alloc { node, slot }),
@@ -1062,7 +1062,7 @@ proptest! {
 
 #[test]
 fn two_servers_claiming_the_same_block_keep_the_first_claim() {
-    // Both servers claim block 1 during a partition and each leases slot 64+10 to its client.
+    // Both servers claim block 4 during a partition and each leases slot 74 (4 * 16 + 10).
     let mut logs = Vec::new();
     for (i, key) in SERVERS[..2].iter().enumerate() {
         let mut s = Server {
@@ -1084,7 +1084,7 @@ fn two_servers_claiming_the_same_block_keep_the_first_claim() {
             }),
         );
         let node = NodeId::derive(key, s.seq);
-        s.propose(wall, OpBody::Ipam(IpamOp::ClaimBlock { block: 1 }));
+        s.propose(wall, OpBody::Ipam(IpamOp::ClaimBlock { block: 4 }));
         s.propose(
             wall,
             OpBody::Ipam(IpamOp::AllocateAddress { node, slot: 74 }),
@@ -1099,7 +1099,7 @@ fn two_servers_claiming_the_same_block_keep_the_first_claim() {
     let mut merged = State::with_ipam_config(ANCHOR, small_config()).expect("config");
     let results: Vec<_> = all.iter().map(|o| merged.apply(o)).collect();
     assert_eq!(
-        merged.ipam().data().blocks.get(&1).map(|c| c.holder),
+        merged.ipam().data().blocks.get(&4).map(|c| c.holder),
         Some(SERVERS[0])
     );
     assert_eq!(
