@@ -291,9 +291,13 @@ def collect(quick: bool, only: list[str]) -> tuple[dict, bool]:
         (SUMMARY_DIR / f"{bench.id}.json").unlink(missing_ok=True)
         since = time.time() - 1
         ok, note, seconds = run_bench(bench, quick)
-        raw = F.Raw(criterion=read_criterion(CRITERION_DIR, since), summaries=read_summaries(SUMMARY_DIR, since))
+        log_text = (LOG_DIR / f"{bench.id}.log").read_text(errors="replace")
+        # Criterion results count only when this run printed them (someone else may be running
+        # other criterion benches into the same target directory at the same time).
+        crit = {k: v for k, v in read_criterion(CRITERION_DIR, since).items() if k in log_text}
+        raw = F.Raw(criterion=crit, summaries=read_summaries(SUMMARY_DIR, since))
         if bench.parse_log and bench.id not in raw.summaries:
-            parsed = bench.parse_log((LOG_DIR / f"{bench.id}.log").read_text(errors="replace"))
+            parsed = bench.parse_log(log_text)
             if parsed is not None:
                 raw.summaries[bench.id] = parsed
         rec = bench_record(bench, "measured" if ok else "failed", raw, note, seconds)

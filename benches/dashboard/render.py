@@ -83,7 +83,7 @@ def fmt_ratio(r: float | None) -> str:
     if r is None:
         return ""
     if 0 < r < 0.1:
-        return f"1/{fmt_num(1 / r)}"
+        return f"1/{round(1 / r):,}"
     return f"{fmt_num(r)}×"
 
 
@@ -189,7 +189,8 @@ def scaling_spec(series_id: str, figs: list[dict]) -> dict:
 
 
 def trend_spec(fig_ids: list[str], labels: list[str], runs: list[dict], unit: str, with_ref: bool) -> dict | None:
-    """One line per figure id (or figure and reference) across the recorded runs."""
+    """One line per figure id (or figure and reference) across the recorded runs; None when fewer
+    than two runs measured it."""
     lines = []
     for fid, label in zip(fig_ids, labels):
         ours, refs = [], []
@@ -206,8 +207,9 @@ def trend_spec(fig_ids: list[str], labels: list[str], runs: list[dict], unit: st
         if refs:
             ref_label = (find_figure(runs[-1], fid) or {}).get("reference", {}).get("label", "reference")
             lines.append({"label": ref_label, "role": "ref", "points": refs})
-    if not lines:
-        return None
+    runs_with_values = {p[0] for line in lines for p in line["points"]}
+    if len(runs_with_values) < 2:
+        return None  # a trend needs two recorded runs
     ys = [p[1] for line in lines for p in line["points"]]
     return {
         "kind": "line",
@@ -314,6 +316,8 @@ def figure_block(fig: dict, runs: list[dict]) -> tuple[str, int]:
         parts.append('<h4>Trend across recorded runs</h4>')
         parts.append(chart_div(trend, "trend"))
         charts += 1
+    else:
+        parts.append('<p class="note">The trend chart appears once two recorded runs have this figure.</p>')
     if fig.get("note"):
         parts.append(f'<p class="note">{e(fig["note"])}</p>')
     parts.append("</div>")
@@ -361,6 +365,8 @@ def series_block(series_id: str, figs: list[dict], runs: list[dict]) -> tuple[st
         parts.append('<h4>Trend across recorded runs</h4>')
         parts.append(chart_div(trend, "trend"))
         charts += 1
+    else:
+        parts.append('<p class="note">The trend chart appears once two recorded runs have this series.</p>')
     if first.get("note"):
         parts.append(f'<p class="note">{e(first["note"])}</p>')
     parts.append("</div>")

@@ -174,6 +174,17 @@ def test_sample_renders_in_chromium_with_every_chart_and_no_console_message(tmp:
     assert "not yet measured" in dom and "skipped" in dom, "unmeasured benchmarks must be shown as such"
 
 
+def test_first_recorded_run_renders_without_trend_charts(tmp: Path) -> None:
+    # One run: the 7 trend charts of the sample are left out (a trend needs two runs); the 7 bar
+    # and scaling charts remain.
+    page = tmp / "index.html"
+    page.write_text(render.render_html(render.load_history(SAMPLE)[-1:]), encoding="utf-8")
+    dom, console = load_in_chromium(page)
+    found = problems(dom, console, SAMPLE_CHARTS - 7)
+    assert not found, "\n".join(found)
+    assert "The trend chart appears once two recorded runs" in dom
+
+
 def test_negative_control_broken_chart_is_detected(tmp: Path) -> None:
     page = render_sample(tmp)
     html = page.read_text(encoding="utf-8")
