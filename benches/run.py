@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -244,6 +245,12 @@ def existing_benches() -> set[str]:
 # ----------------------------------------------------------------------------- running
 
 
+def printed(full_id: str, log_text: str) -> bool:
+    """Whether criterion's output names this benchmark id as a whole word (not as a prefix of a
+    longer id: "ops/verify_apply" is not "ops/verify_apply_rows")."""
+    return re.search(rf"(^|\s){re.escape(full_id)}(\s|$)", log_text, re.M) is not None
+
+
 def run_bench(bench: F.Bench, quick: bool) -> tuple[bool, str, float]:
     """Runs one benchmark through cargo; returns (ok, note, seconds). Output goes to a log file."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
@@ -294,7 +301,7 @@ def collect(quick: bool, only: list[str]) -> tuple[dict, bool]:
         log_text = (LOG_DIR / f"{bench.id}.log").read_text(errors="replace")
         # Criterion results count only when this run printed them (someone else may be running
         # other criterion benches into the same target directory at the same time).
-        crit = {k: v for k, v in read_criterion(CRITERION_DIR, since).items() if k in log_text}
+        crit = {k: v for k, v in read_criterion(CRITERION_DIR, since).items() if printed(k, log_text)}
         raw = F.Raw(criterion=crit, summaries=read_summaries(SUMMARY_DIR, since))
         if bench.parse_log and bench.id not in raw.summaries:
             parsed = bench.parse_log(log_text)

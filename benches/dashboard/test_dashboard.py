@@ -280,6 +280,13 @@ def test_criterion_outputs_become_figures_with_reference_ratio_and_goal(tmp: Pat
     assert [x["id"] for x in rec["extra"]] == ["ops/something_else"], rec["extra"]
 
 
+def test_only_ids_printed_by_this_run_count() -> None:
+    log = "Benchmarking ops/verify_apply_rows\nops/verify_apply_rows   time:   [1 ms 2 ms 3 ms]\n"
+    assert run.printed("ops/verify_apply_rows", log)
+    assert not run.printed("ops/verify_apply", log), "a prefix of a printed id is not printed"
+    assert run.printed("ipam/propose", "ipam/propose\n                        time:   [1 µs 1 µs 1 µs]")
+
+
 def test_goal_missed_and_stale_outputs_ignored(tmp: Path) -> None:
     crit = tmp / "criterion"
     old = write_criterion(crit, "ops/verify_apply", 50e6, 1000)  # 20,000 ops/s: 40% of raw
