@@ -13,7 +13,7 @@
 #
 # Usage: build-kernel.sh OUTPUT   (about 7 minutes on 2 cores). Needs linux-source-6.1 installed.
 set -euo pipefail
-OUT=${1:?usage: build-kernel.sh OUTPUT}
+OUT=$(realpath -m "${1:?usage: build-kernel.sh OUTPUT}")
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 WORK=${WORK:-$(dirname "$OUT")/kbuild}
 die() { echo "tests/uml/build-kernel.sh: $*" >&2; exit 1; }
@@ -34,10 +34,15 @@ make ARCH=um defconfig >/dev/null
     --enable HOSTFS --enable DEVTMPFS --enable DEVTMPFS_MOUNT --enable TMPFS \
     --enable UNIX --enable INET --enable BINFMT_ELF --enable BINFMT_SCRIPT \
     --enable MAGIC_SYSRQ --disable RAID6_PQ_BENCHMARK \
-    --enable NETFILTER --enable NF_TABLES --enable NET_SCHED \
+    --enable IP_ADVANCED_ROUTER --enable IP_MULTIPLE_TABLES --enable IPV6_MULTIPLE_TABLES \
+    --enable TUN --enable DUMMY --enable BRIDGE --enable NET_SCHED \
+    --enable NETFILTER --enable NF_CONNTRACK --enable NF_NAT --enable NF_TABLES \
+    --enable NF_TABLES_INET --enable NFT_CT --enable NFT_NAT --enable NFT_MASQ \
     --set-val KERNEL_STACK_ORDER 3
 make ARCH=um olddefconfig >/dev/null
-for o in WIREGUARD VETH NET_NS IPV6 HOSTFS; do
+# Policy routing (the mesh's dedicated table and its rules), TUN (wireguard-go) and nftables are
+# what the tests use besides WireGuard itself.
+for o in WIREGUARD VETH NET_NS IPV6 HOSTFS IP_MULTIPLE_TABLES IPV6_MULTIPLE_TABLES TUN NF_TABLES; do
     grep -q "^CONFIG_$o=y" .config || die "CONFIG_$o not built in"
 done
 grep -q '^CONFIG_KERNEL_STACK_ORDER=3$' .config || die "kernel stack order not set"

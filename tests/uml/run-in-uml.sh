@@ -33,8 +33,22 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-UML_LINUX=${UML_LINUX:-/usr/bin/linux.uml}
 UML_MODROOT=${UML_MODROOT:-$REPO/target/uml/modroot}
+NO_MODULES=0
+if [ -z "${UML_LINUX:-}" ]; then
+  # Debian's binary runs only where the CPU's XSAVE area is the 2696 bytes it was built for;
+  # elsewhere setup.sh built a patched kernel for this CPU (Route B, WireGuard built in).
+  XSIZE=$("$HERE/xsave-size.sh")
+  if [ "$XSIZE" = 2696 ]; then
+    UML_LINUX=/usr/bin/linux.uml
+  else
+    UML_LINUX=$REPO/target/uml/linux-wg
+    grep -q "xsave=$XSIZE " "$UML_LINUX.key" 2>/dev/null || {
+      echo "run-in-uml: this CPU needs a UML kernel patched for its $XSIZE-byte XSAVE area;" \
+           "$UML_LINUX is missing or built for another size: run tests/uml/setup.sh as root" >&2; exit 125; }
+    NO_MODULES=1
+  fi
+fi
 MEM=${UML_MEM:-512M}
 TIMEOUT=${UML_TIMEOUT:-600}
 VERBOSE=0
@@ -42,6 +56,7 @@ KEEP=0
 TMPFS_DIRS=()
 MODULES=(wireguard veth)
 
+[ "$NO_MODULES" = 1 ] && { MODULES=(); UML_MODROOT=none; }
 while [ $# -gt 0 ]; do
   case "$1" in
     -m|--mem) MEM=$2; shift 2;;

@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Prepares the User-Mode Linux guest that runs the kernel-WireGuard tests (Route A of
-# ../../../shared/reference/kernel-wireguard-uml.md, see README.md beside this file):
+# Prepares the User-Mode Linux guest that runs the kernel-WireGuard tests (see README.md beside
+# this file). Two routes, chosen by what this CPU allows:
 #
-#   Debian's `user-mode-linux` kernel (6.1, built WITHOUT WireGuard) + wireguard.ko and the two
-#   lib/crypto modules it needs, built from EXACTLY the kernel source the UML binary was built from.
+# Route A (default): Debian's `user-mode-linux` kernel (6.1, built WITHOUT WireGuard) +
+#   wireguard.ko and the two lib/crypto modules it needs, built from EXACTLY the kernel source the
+#   UML binary was built from. The modules land in target/uml/modroot, which run-in-uml.sh loads
+#   with `modprobe -d`. About 30 s plus a 138 MB download.
+# Route B (only where Debian's binary cannot run): Debian's UML 6.1 binary hard-codes a 2696-byte
+#   XSAVE buffer, and the host kernel demands the CPU's exact XSAVE size for ptrace; CPUs with AMX
+#   have 11008 bytes, and the binary dies at its first process ("ptrace set fp regs failed, errno
+#   = 14"). There, build-kernel.sh builds a small UML kernel with WireGuard built in, patched for
+#   this CPU's size, into target/uml/linux-wg. About 7 minutes on 2 idle cores.
 #
-# The modules land in a module root under the repository's target dir (default target/uml/modroot),
-# which run-in-uml.sh loads with `modprobe -d`. The build (about 30 s plus a 138 MB download) is
-# skipped when the cached module root was built for the same package versions by the same script.
+# Each result is cached with a key (package versions, the scripts' text, the XSAVE size) and not
+# rebuilt while the key matches.
 #
 # Run as root (apt-get). Env: UML_PACKAGE_VERSION (default pinned below), UML_CACHE (cache dir),
 # NO_APT=1 (packages already installed), KEEP_UML_BUILD=1 (keep the extracted kernel tree).
@@ -42,6 +48,31 @@ UMLREL=$(ls /usr/lib/uml/modules/)
 # Cache key: package versions + this script's own text (a changed recipe rebuilds).
 KEY="uml=$UML_PACKAGE_VERSION src=$SRCVER rel=$UMLREL script=$(sha256sum "$0" | cut -c1-16)"
 D="$MODROOT/lib/modules/$UMLREL"
+XSIZE=$("$HERE/xsave-size.sh")
+if [ "$XSIZE" != 2696 ]; then
+    # Route B: Debian's binary cannot run on this CPU (see the top of this file).
+    KKEY="src=$SRCVER xsave=$XSIZE script=$(cat "$HERE/build-kernel.sh" "$0" | sha256sum | cut -c1-16)"
+    if [ -x "$CACHE/linux-wg" ] && [ "$(cat "$CACHE/linux-wg.key" 2>/dev/null)" = "$KKEY" ]; then
+        echo "tests/uml/setup.sh: patched UML kernel up to date ($KKEY)"
+        exit 0
+    fi
+    echo "tests/uml/setup.sh: this CPU's XSAVE area is $XSIZE bytes, Debian's UML binary expects 2696;"
+    echo "tests/uml/setup.sh: building a patched UML kernel with WireGuard built in (Route B, ~7 min)"
+    if [ "${NO_APT:-0}" != 1 ]; then
+        apt-get install -y -qq --no-install-recommends --allow-downgrades "linux-source-6.1=$SRCVER" >/dev/null \
+            || die "cannot install linux-source-6.1=$SRCVER"
+    fi
+    mkdir -p "$CACHE"
+    rm -f "$CACHE/linux-wg" "$CACHE/linux-wg.key"
+    WORK="$CACHE/kbuild" bash "$HERE/build-kernel.sh" "$CACHE/linux-wg"
+    [ "${KEEP_UML_BUILD:-0}" = 1 ] || rm -rf "$CACHE/kbuild"
+    echo "$KKEY" > "$CACHE/linux-wg.key"
+    UML_LINUX="$CACHE/linux-wg" bash "$HERE/run-in-uml.sh" --no-modules -- ip link add lnprobe0 type wireguard \
+        || die "the patched UML kernel does not boot or has no WireGuard"
+    echo "tests/uml/setup.sh: patched UML kernel ready: $CACHE/linux-wg"
+    exit 0
+fi
+
 if [ -f "$MODROOT/.cache-key" ] && [ "$(cat "$MODROOT/.cache-key")" = "$KEY" ] \
     && [ -f "$D/extra/wireguard.ko" ] && [ -e "$D/kernel" ]; then
     echo "tests/uml/setup.sh: module root up to date ($KEY)"
@@ -96,4 +127,6 @@ echo "$KEY" > "$MODROOT/.cache-key"
 
 cd "$REPO"
 [ "${KEEP_UML_BUILD:-0}" = 1 ] || rm -rf "$WORK"
+bash "$HERE/run-in-uml.sh" -- ip link add lnprobe0 type wireguard \
+    || die "Debian's UML kernel with the built modules does not boot or has no WireGuard"
 echo "tests/uml/setup.sh: module root ready: $MODROOT ($VERMAGIC)"
