@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import platform
 import re
@@ -95,9 +96,14 @@ def _check(op: str, lhs: float, rhs: float) -> bool:
     return {">=": lhs >= rhs, "<=": lhs <= rhs, "<": lhs < rhs, ">": lhs > rhs}[op]
 
 
+def finite(v: float | None) -> float | None:
+    """A measurement that is NaN or infinite (a bench's division by zero) is no measurement."""
+    return v if v is not None and math.isfinite(v) else None
+
+
 def figure_record(fig: F.Figure, raw: F.Raw) -> dict:
     """One figure of the run record: value, in-run reference, ratio, goal and verdict."""
-    value = fig.source(raw)
+    value = finite(fig.source(raw))
     rec: dict = {
         "id": fig.id,
         "label": fig.label,
@@ -113,7 +119,7 @@ def figure_record(fig: F.Figure, raw: F.Raw) -> dict:
     }
     ref_value = None
     if fig.reference:
-        ref_value = fig.reference.source(raw)
+        ref_value = finite(fig.reference.source(raw))
         rec["reference"] = {
             "label": fig.reference.label,
             "value": ref_value,

@@ -12,6 +12,8 @@ Also tests the mapping of raw benchmark outputs to figures and the history file.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -312,6 +314,45 @@ def test_summary_rows_and_unmeasured_benchmarks(tmp: Path) -> None:
     # A benchmark that ran but produced nothing the mapping knows is a failure, never "measured".
     empty = run.bench_record(bench_spec("state_ipam"), "measured", F.Raw())
     assert empty["status"] == "failed" and "none of its outputs" in empty["note"]
+
+
+def test_collect_runs_existing_skips_root_only_and_reports_missing(tmp: Path) -> None:
+    """The orchestration without cargo: which benchmark is run, skipped or not yet measured."""
+    ran = []
+
+    def fake_run_bench(bench, quick):
+        ran.append((bench.id, quick))
+        summary = {"rows": [{"backend": "userspace", "peers": 1000, "ours_ms": float("nan"), "wg_setconf_ms": 5.0}]}
+        if bench.id == "netlink_setconf":
+            (run.SUMMARY_DIR / "netlink_setconf.json").write_text(json.dumps(summary))  # NaN, as serde_json never writes but a bench might
+        return True, "", 0.1
+
+    saved = (run.existing_benches, run.run_bench, run.os.geteuid, run.SUMMARY_DIR, run.LOG_DIR, run.CRITERION_DIR)
+    try:
+        run.SUMMARY_DIR, run.LOG_DIR, run.CRITERION_DIR = tmp / "results", tmp / "results" / "logs", tmp / "criterion"
+        run.LOG_DIR.mkdir(parents=True)
+        for name in ("state_ipam", "netlink_setconf"):
+            (run.LOG_DIR / f"{name}.log").write_text("")
+        run.existing_benches = lambda: {"state_ipam", "netlink_setconf", "mystery"}
+        run.run_bench = fake_run_bench
+        run.os.geteuid = lambda: 1000  # not root
+        with contextlib.redirect_stdout(io.StringIO()):
+            record, ok = run.collect(quick=True, only=[])
+        status = {b["id"]: b["status"] for b in record["benchmarks"]}
+        assert ran == [("state_ipam", True)], ran
+        assert status["netlink_setconf"] == "skipped" and status["state_ops"] == "not_yet_measured", status
+        assert status["state_ipam"] == "failed", "ran but printed nothing: must not count as measured"
+        assert record["unmapped_benches"] == ["mystery"] and not ok
+        run.os.geteuid = lambda: 0  # root: the root-only bench runs; its NaN is no measurement
+        ran.clear()
+        with contextlib.redirect_stdout(io.StringIO()):
+            record, ok = run.collect(quick=False, only=["netlink_setconf"])
+        assert ran == [("netlink_setconf", False)], ran
+        fig = next(f for f in record["benchmarks"][0]["figures"] if f["id"] == "netlink_setconf.userspace_program.n1000")
+        assert fig["value"] is None and fig["reference"]["value"] == 5.0 and fig["ratio"] is None, fig
+        json.dumps(record, allow_nan=False)  # the record stays valid JSON
+    finally:
+        run.existing_benches, run.run_bench, run.os.geteuid, run.SUMMARY_DIR, run.LOG_DIR, run.CRITERION_DIR = saved
 
 
 def test_history_is_appended_and_latest_rewritten(tmp: Path) -> None:
