@@ -78,6 +78,8 @@ pub enum EnvelopeError {
     WrongTag { expected: String, found: String },
     #[error("signed object has schema version {found}; this build supports {supported}")]
     UnsupportedSchema { found: u64, supported: u64 },
+    #[error("signer key {signer} is a point of small order (such a key would sign every message)")]
+    WeakSignerKey { signer: PublicKey },
     #[error("signature does not verify for signer {signer}")]
     BadSignature { signer: PublicKey },
     #[error("signed object expired at {expires_at_ms} ms (now {now_ms} ms)")]
@@ -162,11 +164,60 @@ fn signed_message(tag: &str, seven_items: &[u8]) -> Vec<u8> {
 /// refold use this). Use [`open`] for objects arriving now.
 pub fn verify(bytes: &[u8], expected_tag: &str) -> Result<Envelope, EnvelopeError> {
     let (env, signed_end) = parse(bytes, expected_tag)?;
+    if is_small_order(env.signer.as_bytes()) {
+        return Err(EnvelopeError::WeakSignerKey { signer: env.signer });
+    }
     let msg = signed_message(&env.tag, &bytes[1..signed_end]);
     UnparsedPublicKey::new(&ED25519, env.signer.as_bytes())
         .verify(&msg, &env.signature)
         .map_err(|_| EnvelopeError::BadSignature { signer: env.signer })?;
     Ok(env)
+}
+
+/// The y-coordinate encodings (sign bit cleared) of every point of small order: the 8-torsion
+/// (y = 0, 1, p-1 and the two order-8 values) and the non-canonical encodings of 0 and 1 (p, p+1).
+/// The same list as libsodium's; a test derives it from curve25519-dalek's torsion points.
+const SMALL_ORDER_Y: [[u8; 32]; 7] = {
+    const FF: u8 = 0xff;
+    [
+        [0; 32],
+        [
+            1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0,
+        ],
+        [
+            0x26, 0xe8, 0x95, 0x8f, 0xc2, 0xb2, 0x27, 0xb0, 0x45, 0xc3, 0xf4, 0x89, 0xf2, 0xef,
+            0x98, 0xf0, 0xd5, 0xdf, 0xac, 0x05, 0xd3, 0xc6, 0x33, 0x39, 0xb1, 0x38, 0x02, 0x88,
+            0x6d, 0x53, 0xfc, 0x05,
+        ],
+        [
+            0xc7, 0x17, 0x6a, 0x70, 0x3d, 0x4d, 0xd8, 0x4f, 0xba, 0x3c, 0x0b, 0x76, 0x0d, 0x10,
+            0x67, 0x0f, 0x2a, 0x20, 0x53, 0xfa, 0x2c, 0x39, 0xcc, 0xc6, 0x4e, 0xc7, 0xfd, 0x77,
+            0x92, 0xac, 0x03, 0x7a,
+        ],
+        [
+            0xec, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF,
+            FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x7f,
+        ],
+        [
+            0xed, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF,
+            FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x7f,
+        ],
+        [
+            0xee, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, FF,
+            FF, FF, FF, FF, FF, FF, FF, FF, FF, FF, 0x7f,
+        ],
+    ]
+};
+
+/// True if `key` encodes a point of small order (whatever its sign bit). With such a key the
+/// "signature" `R = small-order point, S = 0` verifies for EVERY message under the cofactorless
+/// equation ring uses, so no envelope may name one as its signer. A comparison against the 7
+/// encodings, not a point decompression: it stays off the cost of every verification.
+fn is_small_order(key: &[u8; 32]) -> bool {
+    let mut y = *key;
+    y[31] &= 0x7f;
+    SMALL_ORDER_Y.contains(&y)
 }
 
 /// Decodes an envelope WITHOUT checking its signature. Only for bytes this process verified
@@ -455,6 +506,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn key(seed: u8) -> Ed25519KeyPair {
+        // (A fixed seed per test: Ed25519 signing is deterministic, so the bytes are too.)
         Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).expect("seed")
     }
 
@@ -685,6 +737,125 @@ mod tests {
         // A float where an integer belongs.
         let float = [0xa2, 0x61, b'a', 0xf9, 0x3c, 0x00, 0x61, b'b', 0x61, b'x'];
         assert!(from_cbor_canonical::<S>(&float).is_err());
+    }
+
+    // ---- the one verification rule, on its edge cases (DESIGN §4.3) ----
+
+    /// The group order L of Ed25519, little-endian.
+    const L: [u8; 32] = [
+        0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde,
+        0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+    ];
+
+    fn add_le(a: &[u8], b: &[u8; 32]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        let mut carry = 0u16;
+        for i in 0..32 {
+            let v = u16::from(a[i]) + u16::from(b[i]) + carry;
+            out[i] = v as u8;
+            carry = v >> 8;
+        }
+        out
+    }
+
+    #[test]
+    fn non_canonical_s_is_rejected() {
+        let k = key(1);
+        let h = header(TAG_OP);
+        let good = seal(&k, &h, b"x");
+        let env = verify(&good, TAG_OP).expect("valid");
+        // S + L is the same scalar mod L: a malleated signature. ring requires S < L.
+        let mut sig = env.signature;
+        let s_plus_l = add_le(&sig[32..], &L);
+        sig[32..].copy_from_slice(&s_plus_l);
+        let bad = assemble(&env.signer, &h, b"x", &sig);
+        assert_eq!(
+            verify(&bad, TAG_OP),
+            Err(EnvelopeError::BadSignature { signer: env.signer })
+        );
+    }
+
+    #[test]
+    fn small_order_signer_keys_are_rejected_even_where_ring_accepts() {
+        use curve25519_dalek::constants::EIGHT_TORSION;
+        let h = header(TAG_OP);
+        for (i, point) in EIGHT_TORSION.iter().enumerate() {
+            let a = point.compress().to_bytes();
+            // R = the identity, S = 0: [S]B = R + [k]A holds whenever [k]A is the identity,
+            // i.e. for every message whose k is a multiple of A's order (always, for A = identity).
+            let mut sig = [0u8; 64];
+            sig[0] = 1;
+            let env = assemble(&PublicKey(a), &h, b"any message", &sig);
+            assert_eq!(
+                verify(&env, TAG_OP),
+                Err(EnvelopeError::WeakSignerKey {
+                    signer: PublicKey(a)
+                }),
+                "torsion point {i}"
+            );
+        }
+        // Pin ring's own behaviour for the identity key, so an upgrade that changes it is noticed:
+        // ring alone accepts this universal "signature"; our rule refuses the key first.
+        let identity = EIGHT_TORSION[0].compress().to_bytes();
+        let mut sig = [0u8; 64];
+        sig[0] = 1;
+        let msg = signed_message(TAG_OP, b"whatever");
+        let ring_alone = UnparsedPublicKey::new(&ED25519, &identity)
+            .verify(&msg, &sig)
+            .is_ok();
+        assert!(
+            ring_alone,
+            "ring's verification of small-order keys changed: review the rule"
+        );
+        // A non-canonical encoding of the identity (y = p + 1) is refused too.
+        let mut p_plus_1 = [0xffu8; 32];
+        p_plus_1[0] = 0xee;
+        p_plus_1[31] = 0x7f;
+        let env = assemble(&PublicKey(p_plus_1), &h, b"m", &sig);
+        assert!(verify(&env, TAG_OP).is_err());
+    }
+
+    #[test]
+    fn small_order_list_is_exactly_the_torsion_points_and_their_non_canonical_encodings() {
+        use curve25519_dalek::constants::EIGHT_TORSION;
+        let mut derived: Vec<[u8; 32]> = EIGHT_TORSION
+            .iter()
+            .map(|p| {
+                let mut y = p.compress().to_bytes();
+                y[31] &= 0x7f;
+                y
+            })
+            .collect();
+        // p and p + 1: the only non-canonical y encodings (of 0 and 1) that fit in 255 bits.
+        let p_enc = add_le(&SMALL_ORDER_Y[4], &{
+            let mut one = [0u8; 32];
+            one[0] = 1;
+            one
+        });
+        let p1_enc = add_le(&p_enc, &{
+            let mut one = [0u8; 32];
+            one[0] = 1;
+            one
+        });
+        derived.push(p_enc);
+        derived.push(p1_enc);
+        derived.sort();
+        derived.dedup();
+        let mut list = SMALL_ORDER_Y.to_vec();
+        list.sort();
+        assert_eq!(derived, list);
+        // And every torsion point, with either sign bit, is caught.
+        for p in EIGHT_TORSION.iter() {
+            let mut e = p.compress().to_bytes();
+            assert!(is_small_order(&e));
+            e[31] ^= 0x80;
+            assert!(is_small_order(&e));
+        }
+        // An honest key is not.
+        let k = key(1);
+        assert!(!is_small_order(
+            k.public_key().as_ref().try_into().expect("32")
+        ));
     }
 
     proptest! {
