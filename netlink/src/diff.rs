@@ -136,9 +136,9 @@ pub fn diff(
 
     let mut out = DeviceDiff::default();
     if let Some(key) = &desired.private_key
-        && actual.private_key.as_ref() != Some(key)
+        && actual.private_key.as_ref().map(PrivateKey::clamped) != Some(key.clamped())
     {
-        out.private_key = Some(key.clone());
+        out.private_key = Some(key.clamped());
     }
     if let Some(port) = desired.listen_port
         && actual.listen_port != port
@@ -385,11 +385,12 @@ fn peer_update(have: &PeerConfig, want: &PeerConfig, caps: Capabilities) -> Opti
 pub fn apply(actual: &DeviceState, diff: &DeviceDiff) -> DeviceState {
     let mut state = actual.clone();
     if let Some(key) = &diff.private_key {
-        if state.private_key.as_ref() != Some(key) {
+        let key = key.clamped();
+        if state.private_key.as_ref() != Some(&key) {
             // The public key follows from the private key; the model does not derive it.
             state.public_key = None;
         }
-        state.private_key = Some(key.clone());
+        state.private_key = Some(key);
     }
     if let Some(port) = diff.listen_port {
         state.listen_port = port;

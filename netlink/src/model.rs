@@ -48,6 +48,18 @@ impl FromStr for Key {
 #[derive(Clone, PartialEq, Eq)]
 pub struct PrivateKey(pub Key);
 
+impl PrivateKey {
+    /// The key as WireGuard implementations store and report it: clamped for X25519
+    /// (RFC 7748). The kernel and wireguard-go clamp on write, so a dump shows the clamped form;
+    /// comparisons must clamp both sides.
+    pub fn clamped(&self) -> PrivateKey {
+        let mut k = self.0.0;
+        k[0] &= 248;
+        k[31] = (k[31] & 127) | 64;
+        PrivateKey(Key(k))
+    }
+}
+
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("PrivateKey(<redacted>)")

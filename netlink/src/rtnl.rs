@@ -462,7 +462,14 @@ impl Rtnl {
                 }
             }
         }
-        let d = diff_sets(&self.rules(desired.table).await?, &want_rules);
+        let actual_rules = match self.rules(desired.table).await {
+            Ok(rules) => rules,
+            // A kernel without policy routing (CONFIG_IP_MULTIPLE_TABLES off) cannot list rules;
+            // that is only an error if rules are wanted.
+            Err(e) if want_rules.is_empty() && e.errno() == Some(libc::EOPNOTSUPP) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let d = diff_sets(&actual_rules, &want_rules);
         for r in &d.remove {
             self.del_rule(r).await?;
         }

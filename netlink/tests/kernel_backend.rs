@@ -11,7 +11,7 @@ use lemonade_nexus_netlink::{
     kernel::{
         KernelBackend, KernelError,
         detect::{choose_backend, kernel_wireguard_available},
-        encode::{Budget, DEFAULT_BUDGET},
+        encode::Budget,
     },
     model::{IpNet, PrivateKey},
     netdiff::RouteSpec,
@@ -245,8 +245,11 @@ fn kernel_selftest_shapes_set_split_and_dump_multipart() {
                 let parts = wg.get_parts(&ifname).await.expect("dump parts");
                 let state = wg.get(&ifname).await.expect("dump");
                 assert_eq!(summary(&state), want_summary(&config), "{name}");
+                // The kernel sizes dump messages to the reader's buffer (netlink-proto reads up
+                // to 64 KiB at a time), so only the largest shape is sure to need several parts.
                 let total: usize = config.peers.iter().map(|p| p.allowed_ips.len()).sum();
-                if total * 28 > DEFAULT_BUDGET {
+                eprintln!("{name}: {} dump part(s)", parts.len());
+                if total > 100_000 {
                     assert!(
                         parts.len() > 1,
                         "{name}: expected a multi-part dump, got {}",

@@ -6,7 +6,7 @@ use crate::testutil::{arb_config, arb_state, key, net, peer, state_from};
 /// True when `state` is what `desired` asks for, with the diff's "unset means leave it" rule.
 fn conforms(state: &DeviceState, desired: &DeviceConfig) -> Result<(), String> {
     if let Some(k) = &desired.private_key
-        && state.private_key.as_ref() != Some(k)
+        && state.private_key.as_ref().map(PrivateKey::clamped) != Some(k.clamped())
     {
         return Err("private key".into());
     }
@@ -327,4 +327,28 @@ fn apply_moves_a_prefix_like_the_kernel() {
             assert_eq!(conforms(&apply(&actual, &dd), &desired), Ok(()));
         }
     }
+}
+
+#[test]
+fn private_keys_compare_clamped_like_the_kernel_stores_them() {
+    let raw = PrivateKey(Key([7; 32]));
+    let actual = DeviceState {
+        private_key: Some(raw.clamped()),
+        ..Default::default()
+    };
+    let desired = DeviceConfig {
+        private_key: Some(raw),
+        ..Default::default()
+    };
+    assert!(
+        diff(&actual, &desired, Capabilities::default())
+            .expect("valid")
+            .is_empty()
+    );
+    let other = DeviceConfig {
+        private_key: Some(PrivateKey(Key([8; 32]))),
+        ..Default::default()
+    };
+    let d = diff(&actual, &other, Capabilities::default()).expect("valid");
+    assert_eq!(d.private_key, Some(PrivateKey(Key([8; 32])).clamped()));
 }

@@ -89,7 +89,8 @@ impl KernelDevice {
                     self.owner.clear();
                 }
                 WireguardAttribute::PrivateKey(k) => {
-                    self.state.private_key = Some(PrivateKey(Key(*k)));
+                    // The kernel clamps the key it is given.
+                    self.state.private_key = Some(PrivateKey(Key(*k)).clamped());
                 }
                 _ => {}
             }
