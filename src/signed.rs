@@ -19,10 +19,14 @@
 //!   may be replicated long after they were written (their replay protection is `(origin, seq)`).
 //!   Short-lived objects (requests, tickets) set a real expiry and use [`ReplayGuard`].
 //!
-//! **One verification rule** (DESIGN §4.3): every path — local writes, gossip, catch-up, refold —
-//! verifies each signature singly with ring's `UnparsedPublicKey::verify` (RFC 8032 cofactorless
-//! verification, which rejects non-canonical `S`). There is no batch verification anywhere, so every
-//! server accepts exactly the same set of signatures.
+//! **One verification rule** (DESIGN §4.3): every path — local writes, gossip, catch-up — checks
+//! each signature singly: a signer key of small order (the 8-torsion, any encoding) is refused, then
+//! ring's `UnparsedPublicKey::verify` decides (RFC 8032 cofactorless verification, which rejects
+//! non-canonical `S`). There is no batch verification anywhere, so every server accepts exactly
+//! the same set of signatures. (A refold re-reads ops from the local log, which only ever holds
+//! ops that passed this rule, and does not re-check them.) The tests pin ring's behaviour on the
+//! edge cases (non-canonical `S`, the identity key's universal "signature"), so a library upgrade
+//! that changes it is noticed before replicas could disagree.
 //!
 //! The envelope codec is written out here (about 100 lines) rather than derived through serde so it
 //! is strict, bounded and allocation-light; a test checks that ciborium reads and writes the same

@@ -7,7 +7,7 @@
 use lemonade_nexus::hlc::Hlc;
 use lemonade_nexus::identity::NodeKey;
 use lemonade_nexus::ipam::IpamConfig;
-use lemonade_nexus::op::{self, OpBody};
+use lemonade_nexus::op::{self, LoggedOp, Op, OpBody};
 use lemonade_nexus::state::State;
 use lemonade_nexus::store::{Store, Submitted};
 use lemonade_nexus::testkit::{
@@ -21,7 +21,7 @@ type Spec = (u8, usize, u8, bool, u32, u64);
 
 fn spec() -> impl Strategy<Value = Spec> {
     (
-        0u8..7,
+        0u8..9,
         0usize..64,
         0u8..4,
         any::<bool>(),
@@ -47,6 +47,18 @@ fn candidates(origins: &[Origin]) -> Vec<NodeId> {
     v
 }
 
+/// The administrator's (anchor's) signed requests that servers may carry into their logs; several
+/// servers may carry the same one, and one server may carry it twice: it must take effect once.
+fn admin_requests() -> Vec<op::AcceptedRequest> {
+    (0..4u64)
+        .map(|n| {
+            let body = create(NodeId::ROOT, &format!("adm{n}"), n % 2 == 0);
+            let bytes = op::seal_request(key(1).pair(), &body, 0, 600_000, n);
+            op::open_request(&bytes, 0, 0).expect("valid request")
+        })
+        .collect()
+}
+
 fn body(s: &Spec, nodes: &[NodeId], granted: &[NodeKey]) -> OpBody {
     let (kind, n, h, endpoint, num, _) = *s;
     let node = nodes[n % nodes.len()];
@@ -56,7 +68,8 @@ fn body(s: &Spec, nodes: &[NodeId], granted: &[NodeKey]) -> OpBody {
         3 => claim_block(num % 8),
         4 => allocate(node, num),
         5 => release(node),
-        _ => grant_admin(granted[h as usize % granted.len()].public()),
+        6 => grant_admin(granted[h as usize % granted.len()].public()),
+        _ => create(node, "web", endpoint),
     }
 }
 
@@ -81,10 +94,30 @@ fn build_logs(origins: &[Origin], specs: &[Vec<Spec>]) -> Vec<Vec<Vec<u8>>> {
                     out.push(sealed(&o.key, seq, clock, grant_admin(g.public())));
                 }
             }
+            let requests = admin_requests();
             for s in ss {
                 seq += 1;
                 wall += s.5;
                 clock = clock.tick(wall);
+                // Kinds 7 and 8: the two servers (origins 1 and 2) carry an administrator's request.
+                if s.0 >= 7 && (i == 1 || i == 2) {
+                    let r = &requests[s.2 as usize % requests.len()];
+                    let op = Op {
+                        origin: o.key.public(),
+                        seq,
+                        hlc: clock,
+                        author: r.author,
+                        body: r.body.clone(),
+                    };
+                    out.push(op::seal_op(
+                        o.key.pair(),
+                        &LoggedOp {
+                            op,
+                            author_proof: Some(r.proof.clone()),
+                        },
+                    ));
+                    continue;
+                }
                 out.push(sealed(&o.key, seq, clock, body(s, &nodes, &granted)));
             }
             out
@@ -153,17 +186,24 @@ proptest! {
         let logs = build_logs(&origins, &specs);
 
         // Reference: a pure in-memory fold in fold order.
-        let mut all: Vec<op::Op> = logs
+        // (The rule "an author's request takes effect once" is applied here too.)
+        let mut all: Vec<LoggedOp> = logs
             .iter()
             .flatten()
-            .map(|b| op::verify_op(b).expect("valid").logged.op)
+            .map(|b| op::verify_op(b).expect("valid").logged)
             .collect();
-        all.sort_by(op::fold_order);
+        all.sort_by(|x, y| op::fold_order(&x.op, &y.op));
         let mut pure = State::with_ipam_config(key(1).public(), IpamConfig::default()).expect("state");
-        for o in &all {
-            let effect = pure.apply(o);
-            if o.origin == key(9).public() {
-                prop_assert!(effect.is_err(), "the hostile origin's op {o:?} took effect");
+        let mut used = std::collections::BTreeSet::new();
+        for l in &all {
+            if let Some(p) = &l.author_proof
+                && !used.insert((l.op.author, p.nonce))
+            {
+                continue; // a replayed request: no effect
+            }
+            let effect = pure.apply(&l.op);
+            if l.op.origin == key(9).public() {
+                prop_assert!(effect.is_err(), "the hostile origin's op {:?} took effect", l.op);
             }
         }
 
