@@ -596,31 +596,33 @@ fn kernel_traffic_flows_between_namespaces_and_stops_when_the_peer_is_removed() 
             ping(&a, "10.77.0.2"),
             "ping through the kernel tunnel failed"
         );
-        // A TCP transfer across the tunnel.
-        let listener = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &b,
-                "sh",
-                "-c",
-                "nc -l -p 7777 -q 1 | wc -c",
-            ])
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("nc listen");
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &a,
-            "sh",
-            "-c",
-            "head -c 1000000 /dev/zero | nc -q 1 -w 5 10.77.0.2 7777",
-        ]);
-        let out = listener.wait_with_output().expect("nc result");
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1000000");
+        // A TCP transfer of 1 MB across the tunnel, with plain sockets opened inside each
+        // namespace.
+        let b_path = format!("/run/netns/{b}");
+        let receiver = std::thread::spawn(move || {
+            lemonade_nexus_netlink::netns::run_in_netns(b_path, || async {
+                let listener = std::net::TcpListener::bind("10.77.0.2:7777").expect("bind");
+                let (mut conn, _) = listener.accept().expect("accept");
+                let mut got = Vec::new();
+                std::io::Read::read_to_end(&mut conn, &mut got).expect("read");
+                got.len()
+            })
+            .expect("enter namespace b")
+        });
+        let sent =
+            lemonade_nexus_netlink::netns::run_in_netns(format!("/run/netns/{a}"), || async {
+                let payload = vec![0xa5u8; 1_000_000];
+                for _ in 0..50 {
+                    if let Ok(mut conn) = std::net::TcpStream::connect("10.77.0.2:7777") {
+                        std::io::Write::write_all(&mut conn, &payload).expect("write");
+                        return payload.len();
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                panic!("cannot connect across the tunnel");
+            })
+            .expect("enter namespace a");
+        assert_eq!(receiver.join().expect("receiver"), sent);
         // Removing the peer (desired state without it) stops the traffic.
         configure(&a, base(&ka, 51001), "10.77.0.1/24");
         assert!(
