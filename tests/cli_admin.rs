@@ -242,3 +242,43 @@ fn errors_say_what_to_fix_and_exit_non_zero() {
     // An unknown subcommand is clap's usage error.
     let _ = failed(&run(&e, &["frobnicate"]));
 }
+
+#[test]
+fn an_old_store_is_migrated_by_init_and_not_by_show() {
+    let e = env();
+    ok(&run(&e, &["init"]));
+    let master = MasterKey::load(&e.master).expect("master");
+    let id = Identity::load(&e.data, &master).expect("identity");
+    let me = id.node.public();
+    // Replace the store by a schema-0 one holding two ops.
+    let path = store::db_path(&e.data);
+    std::fs::remove_file(&path).expect("remove store");
+    let ops: Vec<Vec<u8>> = ["old-a", "old-b"]
+        .iter()
+        .enumerate()
+        .map(|(i, h)| {
+            let hlc = lemonade_nexus::hlc::Hlc {
+                wall_ms: 1_000 + i as u64,
+                logical: 0,
+            };
+            lemonade_nexus::testkit::sealed(
+                &id.node,
+                i as u64 + 1,
+                hlc,
+                create(NodeId::ROOT, h, false),
+            )
+        })
+        .collect();
+    store::write_v0_layout(&path, me, &ops).expect("v0 store");
+
+    // Showing never writes: it asks for init.
+    let err = failed(&run(&e, &["tree", "show"]));
+    assert!(
+        err.contains("schema version 0") && err.contains("lemonade-nexus init"),
+        "{err}"
+    );
+    let out = ok(&run(&e, &["init"]));
+    assert!(out.contains("migrated from schema version 0"), "{out}");
+    let tree = ok(&run(&e, &["tree", "show"]));
+    assert!(tree.contains("old-a") && tree.contains("old-b"), "{tree}");
+}
