@@ -454,6 +454,35 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        /// Arbitrary payload bytes inside a correctly signed envelope: decoding never panics, and
+        /// anything accepted re-encodes to exactly the same bytes.
+        #[test]
+        fn arbitrary_payloads_never_panic(payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400)) {
+            let (k, _) = key(1);
+            let h = Header { tag: TAG_OP, issued_at_ms: 1, expires_at_ms: 0, nonce: 1 };
+            let bytes = signed::seal(&k, &h, &payload);
+            if let Ok(v) = verify_op(&bytes) {
+                proptest::prop_assert_eq!(signed::to_cbor(&v.logged), payload);
+            }
+        }
+
+        /// A valid op payload with one byte changed and re-signed: never a panic, and never
+        /// accepted as a different encoding of the same op.
+        #[test]
+        fn mutated_payloads_never_panic(pos in 0usize..1000, val in proptest::prelude::any::<u8>()) {
+            let (k, p) = key(1);
+            let logged = LoggedOp { op: op(p, p, 3, 1_000), author_proof: None };
+            let mut payload = signed::to_cbor(&logged);
+            let i = pos % payload.len();
+            payload[i] = val;
+            let h = Header { tag: TAG_OP, issued_at_ms: 1_000, expires_at_ms: 0, nonce: 3 };
+            if let Ok(v) = verify_op(&signed::seal(&k, &h, &payload)) {
+                proptest::prop_assert_eq!(signed::to_cbor(&v.logged), payload);
+            }
+        }
+    }
+
     #[test]
     fn fold_key_bytes_sort_like_fold_order() {
         let (_, a) = key(1);
