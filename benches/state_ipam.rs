@@ -4,11 +4,12 @@
 //!   of 100k entries — the in-run reference (the floor cost of touching one ordered index).
 //! * `ipam/propose`: `Ipam::next_free_address` alone (the pure function a server calls to choose
 //!   the slot to put in its op).
-//! * `ipam/propose_apply`: the figure: propose, then `State::apply` of the `AllocateAddress` op
-//!   (authorization, invariant checks, lease + indexes). Only this part is timed; after each
-//!   iteration the lease is released (untimed) and the HLC moves past the grace period, so the
-//!   state stays at 100k live leases and the next allocation reuses the freed slot through the
-//!   quarantine check.
+//! * `ipam/propose_apply`: the figure: propose (`Ipam::propose_lease`), then `State::apply` of
+//!   the `AllocateAddress` op (authorization, invariant checks, lease + indexes). Only this part
+//!   is timed; after each iteration the lease is released (untimed) and the HLC moves past the
+//!   grace period, so the state stays at 100k live leases and the next allocation reuses the
+//!   freed slot through the quarantine check. Signature verification is not included (that is
+//!   `benches/state_ops.rs`).
 //!
 //! Run: `cargo bench --bench state_ipam` (add `-- --quick` for a short run).
 
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lemonade_nexus::hlc::Hlc;
-use lemonade_nexus::ipam::{IpamError, IpamOp};
+use lemonade_nexus::ipam::IpamOp;
 use lemonade_nexus::keys::PublicKey;
 use lemonade_nexus::op::{Op, OpBody};
 use lemonade_nexus::state::State;
@@ -59,27 +60,19 @@ impl Log {
         }
     }
 
-    /// Proposes a tunnel address for `node` (claiming a block when the server's are full) and
-    /// applies the allocation.
+    /// Proposes a tunnel address for `node` (`Ipam::propose_lease`: the lease, plus a block claim
+    /// when the server's blocks are full) and applies the ops.
     fn allocate(&mut self, node: NodeId) -> Result<(), String> {
-        let slot = match self.state.ipam().next_free_address(&SERVER, self.now()) {
-            Ok(a) => a.slot,
-            Err(IpamError::BlocksFull) => {
-                let block = self
-                    .state
-                    .ipam()
-                    .next_block_to_claim(&SERVER)
-                    .map_err(|e| e.to_string())?;
-                self.apply(SERVER, OpBody::Ipam(IpamOp::ClaimBlock { block }))?;
-                self.state
-                    .ipam()
-                    .next_free_address(&SERVER, self.now())
-                    .map_err(|e| e.to_string())?
-                    .slot
-            }
-            Err(e) => return Err(e.to_string()),
-        };
-        self.apply(SERVER, OpBody::Ipam(IpamOp::AllocateAddress { node, slot }))
+        let now = self.now();
+        let ops = self
+            .state
+            .ipam()
+            .propose_lease(&SERVER, node, now)
+            .map_err(|e| e.to_string())?;
+        for op in ops {
+            self.apply(SERVER, OpBody::Ipam(op))?;
+        }
+        Ok(())
     }
 
     fn create(

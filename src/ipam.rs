@@ -661,6 +661,34 @@ impl Ipam {
 
     // ---- proposals: pure helpers a server uses to choose what to put in an op ----
 
+    /// The ops `server` appends to give `node` a tunnel address at HLC `now`: the lease of its
+    /// first free slot, preceded by a block claim when the server's blocks are full. This is the
+    /// whole proposal a server makes on a join; the fold then decides (see the partition story).
+    pub fn propose_lease(
+        &self,
+        server: &PublicKey,
+        node: NodeId,
+        now: Hlc,
+    ) -> Result<Vec<IpamOp>, IpamError> {
+        match self.next_free_address(server, now) {
+            Ok(a) => return Ok(vec![IpamOp::AllocateAddress { node, slot: a.slot }]),
+            Err(IpamError::BlocksFull) => {}
+            Err(e) => return Err(e),
+        }
+        let unclaimed = self
+            .claim_order(server)
+            .filter(|b| !self.data.blocks.contains_key(b));
+        for block in unclaimed {
+            if let Some(slot) = self.first_available(block, now) {
+                let claim = IpamOp::ClaimBlock { block };
+                return Ok(vec![claim, IpamOp::AllocateAddress { node, slot }]);
+            }
+        }
+        Err(IpamError::Exhausted(
+            "the tunnel pool (no unclaimed block has a free address)",
+        ))
+    }
+
     /// The first tunnel address free for leasing at HLC `now` in the blocks `server` holds.
     /// `Err(BlocksFull)` means: claim a block first ([`Ipam::next_block_to_claim`]).
     pub fn next_free_address(
@@ -668,43 +696,50 @@ impl Ipam {
         server: &PublicKey,
         now: Hlc,
     ) -> Result<TunnelAddress, IpamError> {
-        let cfg = &self.data.config;
-        let size = cfg.block_size();
         let open = self.open.range((*server, 0)..=(*server, u32::MAX));
-        for block in open.map(|(_, b)| *b) {
-            let first = block * size;
-            // Walk the block beside its (sorted) leased slots; check the others for reservation
-            // and quarantine.
-            let mut leased = self
-                .by_slot
-                .range(first..first + size)
-                .map(|(s, _)| *s)
-                .peekable();
-            for slot in first..first + size {
-                if leased.peek() == Some(&slot) {
-                    leased.next();
-                } else if !cfg.is_reserved(slot) && self.grace_over(slot, now).is_ok() {
-                    return Ok(cfg.address_of(slot));
-                }
-            }
-        }
-        Err(IpamError::BlocksFull)
+        open.filter_map(|(_, block)| self.first_available(*block, now))
+            .map(|slot| self.data.config.address_of(slot))
+            .next()
+            .ok_or(IpamError::BlocksFull)
     }
 
-    /// The next block `server` should claim: the first unheld block in the server's own
+    /// The next block `server` should claim: the first unclaimed block in the server's own
     /// hash-seeded permutation of all blocks, so that two servers rarely race for the same block.
     pub fn next_block_to_claim(&self, server: &PublicKey) -> Result<u32, IpamError> {
-        let count = u64::from(self.data.config.block_count());
-        let h = key_hash(b"ln-block-order:v1", server);
-        let start = h[0] % count;
-        // An odd step is coprime with the power-of-two block count: a full permutation.
-        let step = (h[1] % count) | 1;
-        (0..count)
-            .map(|i| ((start + i * step) % count) as u32)
+        self.claim_order(server)
             .find(|b| !self.data.blocks.contains_key(b))
             .ok_or(IpamError::Exhausted(
                 "the tunnel pool (every block is claimed)",
             ))
+    }
+
+    /// `server`'s preferred order of all blocks: `(h0 + i * step) mod count` with `h0` and an odd
+    /// `step` from SHA-256 of its key. An odd step is coprime with the power-of-two block count,
+    /// so this is a permutation: every block exactly once.
+    fn claim_order(&self, server: &PublicKey) -> impl Iterator<Item = u32> {
+        let count = u64::from(self.data.config.block_count());
+        let h = key_hash(b"ln-block-order:v1", server);
+        let start = h[0] % count;
+        let step = (h[1] % count) | 1;
+        (0..count).map(move |i| ((start + i * step) % count) as u32)
+    }
+
+    /// The first slot of `block` that is neither leased, reserved nor in quarantine at `now`.
+    fn first_available(&self, block: u32, now: Hlc) -> Option<u32> {
+        let cfg = &self.data.config;
+        let first = block * cfg.block_size();
+        let end = first + cfg.block_size();
+        // Walk the block beside its (sorted) leased slots; check the others for reservation and
+        // quarantine.
+        let mut leased = self.by_slot.range(first..end).map(|(s, _)| *s).peekable();
+        (first..end).find(|slot| {
+            if leased.peek() == Some(slot) {
+                leased.next();
+                false
+            } else {
+                !cfg.is_reserved(*slot) && self.grace_over(*slot, now).is_ok()
+            }
+        })
     }
 
     /// The first free aligned prefix of length `len` in `pool` (first fit).
@@ -1276,43 +1311,46 @@ mod tests {
         let (tree, ids, _) = tree_with(260);
         let mut ipam = Ipam::new(small());
         let mut leased = 0;
+        let mut claims = 0;
         let mut ms = 0;
         for node in &ids {
             ms += 1;
-            let slot = match ipam.next_free_address(&S1, hlc(ms)) {
-                Ok(a) => a.slot,
-                Err(IpamError::BlocksFull) => match ipam.next_block_to_claim(&S1) {
-                    Ok(block) => {
-                        ipam.apply(&IpamOp::ClaimBlock { block }, ctx(&S1, ms), &tree)
-                            .expect("claim");
-                        ipam.next_free_address(&S1, hlc(ms))
-                            .expect("fresh block")
-                            .slot
-                    }
-                    Err(e) => {
-                        assert_eq!(
-                            e,
-                            IpamError::Exhausted("the tunnel pool (every block is claimed)")
-                        );
-                        break;
-                    }
-                },
-                Err(e) => panic!("unexpected {e}"),
+            let ops = match ipam.propose_lease(&S1, *node, hlc(ms)) {
+                Ok(ops) => ops,
+                Err(e) => {
+                    assert!(matches!(e, IpamError::Exhausted(_)), "{e}");
+                    break;
+                }
             };
-            ipam.apply(
-                &IpamOp::AllocateAddress { node: *node, slot },
-                ctx(&S1, ms),
-                &tree,
-            )
-            .expect("lease");
+            for op in &ops {
+                ipam.apply(op, ctx(&S1, ms), &tree)
+                    .expect("a proposal applies");
+                claims += usize::from(matches!(op, IpamOp::ClaimBlock { .. }));
+            }
             leased += 1;
         }
-        // 256 slots minus 10 reserved low minus the broadcast.
-        assert_eq!(leased, 245);
+        // 4 blocks of 64 slots, minus 10 reserved low and the broadcast.
+        assert_eq!((leased, claims), (245, 4));
         assert_eq!(
             ipam.next_free_address(&S1, hlc(ms)),
             Err(IpamError::BlocksFull)
         );
+        assert!(matches!(
+            ipam.next_block_to_claim(&S1),
+            Err(IpamError::Exhausted(_))
+        ));
+        // A release frees one address again, but only after the grace period.
+        ipam.apply(
+            &IpamOp::ReleaseAddress { node: ids[0] },
+            ctx(&S1, ms),
+            &tree,
+        )
+        .expect("release");
+        assert!(ipam.propose_lease(&S1, ids[259], hlc(ms + 999)).is_err());
+        let ops = ipam
+            .propose_lease(&S1, ids[259], hlc(ms + 1000))
+            .expect("reusable");
+        assert_eq!(ops.len(), 1, "no claim needed: {ops:?}");
         ipam.check_invariants(&tree).expect("invariants");
     }
 

@@ -897,25 +897,16 @@ impl Server {
             wall_ms,
             logical: 0,
         };
-        let slot = match self.state.ipam().next_free_address(&self.key, now) {
-            Ok(a) => a.slot,
-            Err(IpamError::BlocksFull) => match self.state.ipam().next_block_to_claim(&self.key) {
-                Ok(block) => {
-                    self.propose(wall_ms, OpBody::Ipam(IpamOp::ClaimBlock { block }));
-                    match self.state.ipam().next_free_address(&self.key, now) {
-                        Ok(a) => a.slot,
-                        Err(_) => return false,
-                    }
+        match self.state.ipam().propose_lease(&self.key, node, now) {
+            Ok(ops) => {
+                for o in ops {
+                    self.propose(wall_ms, OpBody::Ipam(o));
                 }
-                Err(_) => return false,
-            },
+                true
+            }
+            Err(IpamError::Exhausted(_)) => false,
             Err(e) => panic!("unexpected proposal error {e}"),
-        };
-        self.propose(
-            wall_ms,
-            OpBody::Ipam(IpamOp::AllocateAddress { node, slot }),
-        );
-        true
+        }
     }
 
     fn act(&mut self, action: &Local, wall_ms: u64) {
