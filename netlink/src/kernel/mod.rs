@@ -299,6 +299,12 @@ impl WgBackend for KernelBackend {
         }
         match self.rtnl.create_wireguard(ifname).await {
             Ok(()) => Ok(()),
+            // Created meanwhile by someone else: fine if it is a WireGuard link.
+            Err(e) if e.errno() == Some(libc::EEXIST) => match self.rtnl.link(ifname).await? {
+                Some(link) if link.kind.as_deref() == Some("wireguard") => Ok(()),
+                Some(link) => Err(KernelError::NotWireguard(ifname.to_owned(), link.kind)),
+                None => Err(e.into()),
+            },
             Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => Err(KernelError::Unavailable(
                 format!("creating link {ifname} of type wireguard: {e}"),
             )),
