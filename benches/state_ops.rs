@@ -10,6 +10,8 @@
 //! * `redb/commit_single`: ops committed through `Store::submit`, one op per write transaction
 //!   (fsync per op: `Durability::Immediate`).
 //! * `redb/commit_grouped`: the same with `Store::submit_batch`, 64 ops per transaction.
+//! * `redb/late_arrival_refold_4k`: one op that sorts before everything else (a late arrival from
+//!   another origin) into a log of 4096 ops: a full refold and rewrite of the state tables.
 //! * `redb/raw_commit_single`: a bare redb transaction inserting one 300-byte row: what the disk
 //!   and redb cost before any of our work.
 //!
@@ -191,10 +193,39 @@ fn bench_redb(c: &mut Criterion) {
             start.elapsed()
         })
     });
+
+    // A late arrival: an op from another origin that sorts before everything folded so far, into
+    // a log of LATE_LOG ops. The store refolds the whole log and rewrites the state tables.
+    let mut store = fresh_store(&dir, "late.redb", &origin);
+    let mut clock = Hlc::default();
+    for chunk in ops(&origin, 0, LATE_LOG, &mut clock).chunks(GROUP) {
+        store.submit_batch(chunk, now_ms()).expect("committed");
+    }
+    let other = key(2);
+    let mut seq = 0u64;
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("late_arrival_refold_4k", |b| {
+        b.iter(|| {
+            seq += 1;
+            let late = sealed(
+                &other,
+                seq,
+                Hlc {
+                    wall_ms: seq,
+                    logical: 0,
+                },
+                create(NodeId::ROOT, &format!("late{seq}"), false),
+            );
+            store.submit(&late, now_ms()).expect("committed");
+        })
+    });
     g.finish();
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Log size for the late-arrival (refold) benchmark.
+const LATE_LOG: usize = 4096;
 
 criterion_group! {
     name = benches;
@@ -221,6 +252,7 @@ fn write_summary() {
     let single = rate("redb/commit_single", 1);
     let grouped = rate("redb/commit_grouped", GROUP);
     let raw_commit = rate("redb/raw_commit_single", 1);
+    let late = mean_ns("redb/late_arrival_refold_4k").map(|ns| ns / 1e6);
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
     let summary = serde_json::json!({
         "bench": "state_ops",
@@ -232,6 +264,7 @@ fn write_summary() {
         "redb_commit_single_ops_per_s": single,
         "redb_commit_grouped_ops_per_s": grouped,
         "redb_raw_commits_per_s": raw_commit,
+        "late_arrival_refold_ms_at_4096_ops": late,
         "redb_group_size": GROUP,
         "redb_grouped_ratio_to_single": ratio(grouped, single),
     });

@@ -770,8 +770,8 @@ fn fold_log(
     })
 }
 
-/// Reads and decodes the op at fold key `fk` (bytes from our own log: verified before they were
-/// stored, so the signature is not re-checked).
+/// Reads and decodes the op at fold key `fk` (bytes from our own log: verified, canonical-checked
+/// before they were stored, so neither the signature nor the canonical form is re-checked).
 fn read_logged(
     log: &impl ReadableTable<&'static [u8], &'static [u8]>,
     fk: &[u8],
@@ -787,7 +787,8 @@ fn read_logged(
     })?;
     let env = signed::decode_unverified(bytes.value(), TAG_OP)
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    signed::from_cbor_canonical(&env.payload).map_err(|e| StoreError::Corrupt(e.to_string()))
+    ciborium::de::from_reader_with_recursion_limit(&env.payload[..], 32)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn log_key(origin: &PublicKey, seq: u64) -> [u8; 40] {
