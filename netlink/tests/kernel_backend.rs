@@ -222,6 +222,17 @@ fn kernel_link_is_created_once_and_deleted() {
             "dumping an absent device is an error"
         );
         assert_eq!(wg.kind(), BackendKind::Kernel);
+        // A link of that name that is not WireGuard is reported, not reused.
+        sh(&[
+            "ip", "link", "add", "vnw0", "type", "veth", "peer", "name", "vnw1",
+        ]);
+        match wg.ensure_device("vnw0").await {
+            Err(KernelError::NotWireguard(name, kind)) => {
+                assert_eq!(name, "vnw0");
+                assert_eq!(kind.as_deref(), Some("veth"));
+            }
+            other => panic!("expected NotWireguard, got {other:?}"),
+        }
         // Detection agrees: the kernel is picked, with no fallback.
         kernel_wireguard_available().await.expect("available");
         let choice = choose_backend(BackendPreference::Auto)
