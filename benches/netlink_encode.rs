@@ -4,7 +4,8 @@
 //! - time to encode those configurations;
 //! - time to compute and encode one incremental change (add a peer, remove one, change one
 //!   endpoint) on a device with N peers, per peer (what the controller does on a store event),
-//!   beside the whole-device diff for the same change as the in-run reference.
+//!   beside the whole-device diff for the same change as the in-run reference;
+//! - time to decode and merge a GET_DEVICE dump of N peers (4 KiB parts).
 //!
 //! Run: `cargo bench --bench netlink_encode`. The size table is printed first.
 
@@ -19,7 +20,13 @@ use criterion::{BenchmarkId, Criterion};
 use lemonade_nexus_netlink::{
     Capabilities, DeviceConfig, DeviceDiff, DeviceState, Key, PeerChange, PeerConfig, PeerState,
     PrefixOwners, diff, diff_peer,
-    kernel::encode::{Budget, encode_diff, encode_one_peer_per_message, to_bytes},
+    kernel::{
+        dump::merge_dump_bytes,
+        encode::{
+            Budget, PeerEntry, allowed_ip, encode_diff, encode_one_peer_per_message, pack, to_bytes,
+        },
+        wire::{WireguardAttribute, WireguardCmd, WireguardPeerAttribute},
+    },
     model::IpNet,
 };
 
@@ -193,10 +200,69 @@ fn bench_incremental(c: &mut Criterion) {
     g.finish();
 }
 
+/// A GET_DEVICE dump of N mesh peers, shaped like the kernel's (all peer attributes, counters)
+/// and cut into 4 KiB parts, as bytes.
+fn dump_parts(n: u32) -> Vec<Vec<u8>> {
+    let first = vec![
+        WireguardAttribute::ListenPort(51820),
+        WireguardAttribute::Fwmark(0),
+    ];
+    let entries = (0..n).map(|i| {
+        let p = mesh_peer(i);
+        let mut attrs = vec![
+            WireguardPeerAttribute::PublicKey(p.public_key.0),
+            WireguardPeerAttribute::PresharedKey([0; 32]),
+            WireguardPeerAttribute::PersistentKeepalive(25),
+            WireguardPeerAttribute::TxBytes(u64::from(i)),
+            WireguardPeerAttribute::RxBytes(u64::from(i)),
+            WireguardPeerAttribute::ProtocolVersion(1),
+        ];
+        if let Some(ep) = p.endpoint {
+            attrs.push(WireguardPeerAttribute::Endpoint(ep));
+        }
+        PeerEntry {
+            first: attrs,
+            continuation: vec![WireguardPeerAttribute::PublicKey(p.public_key.0)],
+            allowed_ips: p.allowed_ips.iter().map(|n| allowed_ip(n, false)).collect(),
+        }
+    });
+    pack(
+        WireguardCmd::GetDevice,
+        &[],
+        first,
+        entries,
+        Budget::default(),
+    )
+    .expect("packs")
+    .into_iter()
+    .enumerate()
+    .map(|(i, m)| to_bytes(m, 0x1d, i as u32))
+    .collect()
+}
+
+fn bench_dump(c: &mut Criterion) {
+    let mut g = c.benchmark_group("decode_and_merge_dump");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(4));
+    for n in SIZES {
+        let parts = dump_parts(n);
+        g.bench_with_input(BenchmarkId::new("peers", n), &parts, |b, parts| {
+            b.iter(|| {
+                let s = merge_dump_bytes(parts.iter().map(Vec::as_slice)).expect("merges");
+                assert_eq!(s.peers.len(), n as usize);
+                s
+            })
+        });
+    }
+    g.finish();
+}
+
 fn main() {
     report_sizes();
     let mut c = Criterion::default().configure_from_args();
     bench_full(&mut c);
     bench_incremental(&mut c);
+    bench_dump(&mut c);
     c.final_summary();
 }

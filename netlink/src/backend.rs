@@ -39,6 +39,12 @@ impl fmt::Display for BackendKind {
 ///    [`capabilities`](WgBackend::capabilities), and [`apply`](WgBackend::apply) of that diff;
 /// 3. on shutdown of an interface it owns, calls [`delete_device`](WgBackend::delete_device).
 ///
+/// `reconcile` costs a full dump and a diff linear in the number of peers: it is the periodic
+/// drift check. For one change known from a store event (a peer added, removed, moved), the
+/// controller instead checks the peer with [`crate::diff::PrefixOwners::upsert`], builds the change with
+/// [`crate::diff::diff_peer`] and calls [`apply`](WgBackend::apply) with a one-change
+/// [`DeviceDiff`]: the cost then does not depend on how many peers the device has.
+///
 /// A backend never replaces the peer set of a live device: `apply` only adds, updates and
 /// removes the peers named in the diff. Addresses, link state, MTU and routes are not part of
 /// this trait; they go through rtnetlink (the `rtnl` module) whatever the backend, because a

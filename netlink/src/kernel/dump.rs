@@ -11,6 +11,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_generic::GenlMessage;
 use netlink_packet_wireguard::{
     WireguardAllowedIpAttr, WireguardAttribute, WireguardMessage, WireguardPeerAttribute,
     WireguardTimeSpec,
@@ -21,10 +23,31 @@ use crate::model::{DeviceState, IpNet, Key, PeerConfig, PeerState, PrivateKey};
 /// A dump the decoder refuses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DumpError {
+    #[error("device dump: cannot decode a part: {0}")]
+    Decode(String),
     #[error("device dump: a peer without a public key")]
     PeerWithoutKey,
     #[error("device dump: allowed IP of peer {peer} is invalid: {why}")]
     BadAllowedIp { peer: Key, why: String },
+}
+
+/// Decodes serialized dump parts (whole netlink messages, as read from the socket) and merges
+/// them. The backend gets parts already decoded by its connection; this is for tests, tools and
+/// benchmarks that hold bytes.
+pub fn merge_dump_bytes<'a>(
+    parts: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<DeviceState, DumpError> {
+    let mut msgs = Vec::new();
+    for bytes in parts {
+        let nl = NetlinkMessage::<GenlMessage<WireguardMessage>>::deserialize(bytes)
+            .map_err(|e| DumpError::Decode(e.to_string()))?;
+        match nl.payload {
+            NetlinkPayload::InnerMessage(genl) => msgs.push(genl.payload),
+            NetlinkPayload::Done(_) | NetlinkPayload::Noop => {}
+            other => return Err(DumpError::Decode(format!("unexpected message {other:?}"))),
+        }
+    }
+    merge_dump(&msgs)
 }
 
 /// Merges the parts of one device dump, in order.

@@ -5,6 +5,10 @@
 //! - [`dump`] merges a multi-part `WG_CMD_GET_DEVICE` dump by public key.
 //! - [`detect`] finds out whether this kernel has WireGuard and picks the backend.
 
+/// The generic netlink packet types of the `wireguard` family, re-exported for tools and
+/// benchmarks that build or inspect messages.
+pub use netlink_packet_wireguard as wire;
+
 pub mod detect;
 pub mod dump;
 pub mod encode;

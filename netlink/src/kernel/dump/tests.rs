@@ -105,7 +105,11 @@ fn decode_parts(parts: &[Vec<u8>]) -> Vec<WireguardMessage> {
 fn roundtrip(state: &DeviceState, budget: usize) -> (usize, DeviceState) {
     let parts = kernel_shaped_dump(state, budget);
     let msgs = decode_parts(&parts);
-    (parts.len(), merge_dump(&msgs).expect("merges"))
+    let merged = merge_dump(&msgs).expect("merges");
+    // The byte-level entry point agrees.
+    let from_bytes = merge_dump_bytes(parts.iter().map(Vec::as_slice)).expect("merges bytes");
+    assert_eq!(from_bytes, merged);
+    (parts.len(), merged)
 }
 
 fn big_state(peers: u32, ips_per_peer: u32) -> DeviceState {
@@ -210,6 +214,11 @@ fn malformed_dumps_are_errors_not_panics() {
         ])])],
     };
     assert_eq!(merge_dump([&no_key]), Err(DumpError::PeerWithoutKey));
+    // Truncated or garbage bytes are an error.
+    let good = kernel_shaped_dump(&big_state(2, 3), DEFAULT_BUDGET);
+    for cut in [0, 3, 16, 21, good[0].len() - 1] {
+        assert!(merge_dump_bytes([&good[0][..cut]]).is_err(), "cut at {cut}");
+    }
     let bad_mask = WireguardMessage {
         cmd: WireguardCmd::GetDevice,
         attributes: vec![WireguardAttribute::Peers(vec![WireguardPeer(vec![
