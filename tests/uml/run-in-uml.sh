@@ -23,7 +23,8 @@
 #
 # Env overrides: UML_LINUX (kernel binary, default /usr/bin/linux.uml),
 # UML_MODROOT (dir containing lib/modules/<ver>/ with the extra wireguard
-# modules + depmod output; default: <repo>/target/uml/modroot, built by setup.sh).
+# modules + depmod output; default: $UML_CACHE/modroot, built by setup.sh),
+# UML_CACHE (setup.sh's output dir, default <repo>/target/uml).
 #
 # Adapted from shared/reference/uml/run-in-uml.sh: the module root lives in the repository's
 # target dir, and it is checked against the installed user-mode-linux package before booting
@@ -33,7 +34,8 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-UML_MODROOT=${UML_MODROOT:-$REPO/target/uml/modroot}
+CACHE=${UML_CACHE:-$REPO/target/uml}   # where setup.sh put its results
+UML_MODROOT=${UML_MODROOT:-$CACHE/modroot}
 NO_MODULES=0
 if [ -z "${UML_LINUX:-}" ]; then
   # Debian's binary runs only where the CPU's XSAVE area is the 2696 bytes it was built for;
@@ -42,7 +44,7 @@ if [ -z "${UML_LINUX:-}" ]; then
   if [ "$XSIZE" = 2696 ]; then
     UML_LINUX=/usr/bin/linux.uml
   else
-    UML_LINUX=$REPO/target/uml/linux-wg
+    UML_LINUX=$CACHE/linux-wg
     grep -q "xsave=$XSIZE " "$UML_LINUX.key" 2>/dev/null || {
       echo "run-in-uml: this CPU needs a UML kernel patched for its $XSIZE-byte XSAVE area;" \
            "$UML_LINUX is missing or built for another size: run tests/uml/setup.sh as root" >&2; exit 125; }
