@@ -11,7 +11,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload, NlasIterator};
 use netlink_packet_generic::GenlMessage;
 use netlink_packet_wireguard::{
     WireguardAllowedIpAttr, WireguardAttribute, WireguardMessage, WireguardPeerAttribute,
@@ -33,12 +33,13 @@ pub enum DumpError {
 
 /// Decodes serialized dump parts (whole netlink messages, as read from the socket) and merges
 /// them. The backend gets parts already decoded by its connection; this is for tests, tools and
-/// benchmarks that hold bytes.
+/// benchmarks that hold bytes. Malformed bytes give an error, never a panic.
 pub fn merge_dump_bytes<'a>(
     parts: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<DeviceState, DumpError> {
     let mut msgs = Vec::new();
     for bytes in parts {
+        precheck(bytes).map_err(DumpError::Decode)?;
         let nl = NetlinkMessage::<GenlMessage<WireguardMessage>>::deserialize(bytes)
             .map_err(|e| DumpError::Decode(e.to_string()))?;
         match nl.payload {
@@ -48,6 +49,54 @@ pub fn merge_dump_bytes<'a>(
         }
     }
     merge_dump(&msgs)
+}
+
+/// A bounded walk over one serialized message that rejects what would make
+/// netlink-packet-wireguard 0.5's parser panic instead of returning an error: an empty
+/// `WGALLOWEDIP_A_CIDR_MASK` (it reads the first byte unchecked). Every other attribute parser of
+/// that crate checks lengths itself.
+fn precheck(bytes: &[u8]) -> Result<(), String> {
+    const HEADERS: usize = 16 + 4;
+    let len_field: [u8; 4] = bytes
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .ok_or("shorter than a netlink header")?;
+    let len = u32::from_ne_bytes(len_field) as usize;
+    if len < HEADERS || len > bytes.len() {
+        // Not a generic netlink message with a payload: the real decoder reports it.
+        return Ok(());
+    }
+    let nested = |buf: &[u8], want: u16, f: &mut dyn FnMut(&[u8]) -> Result<(), String>| {
+        for nla in NlasIterator::new(buf) {
+            let nla = nla.map_err(|e| e.to_string())?;
+            if nla.kind() == want {
+                f(nla.value())?;
+            }
+        }
+        Ok::<(), String>(())
+    };
+    const WGDEVICE_A_PEERS: u16 = 8;
+    const WGPEER_A_ALLOWEDIPS: u16 = 9;
+    const WGALLOWEDIP_A_CIDR_MASK: u16 = 3;
+    nested(&bytes[HEADERS..len], WGDEVICE_A_PEERS, &mut |peers| {
+        for peer in NlasIterator::new(peers) {
+            let peer = peer.map_err(|e| e.to_string())?;
+            nested(peer.value(), WGPEER_A_ALLOWEDIPS, &mut |ips| {
+                for ip in NlasIterator::new(ips) {
+                    let ip = ip.map_err(|e| e.to_string())?;
+                    nested(ip.value(), WGALLOWEDIP_A_CIDR_MASK, &mut |cidr| {
+                        if cidr.is_empty() {
+                            Err("empty WGALLOWEDIP_A_CIDR_MASK attribute".into())
+                        } else {
+                            Ok(())
+                        }
+                    })?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    })
 }
 
 /// Merges the parts of one device dump, in order.

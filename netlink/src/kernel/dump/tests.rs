@@ -270,3 +270,37 @@ proptest! {
         prop_assert_eq!(got, want);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(3000))]
+
+    /// Corrupted dump bytes give an error or a state, never a panic.
+    #[test]
+    fn corrupted_dump_bytes_never_panic(
+        flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let parts = kernel_shaped_dump(&big_state(2, 3), DEFAULT_BUDGET);
+        let mut bytes = parts[0].clone();
+        for (at, value) in flips {
+            let i = at.index(bytes.len());
+            bytes[i] = value;
+        }
+        let len = cut.index(bytes.len() + 1);
+        let _ = merge_dump_bytes([&bytes[..len.max(1)]]);
+    }
+}
+
+/// An allowed IP whose CIDR attribute is empty (the crate's parser indexes its first byte).
+#[test]
+fn empty_cidr_attribute_is_an_error_not_a_panic() {
+    let parts = kernel_shaped_dump(&big_state(1, 1), DEFAULT_BUDGET);
+    let mut bytes = parts[0].clone();
+    // The CIDR attribute: length 5, type 3 (WGALLOWEDIP_A_CIDR_MASK), prefix 32.
+    let at = bytes
+        .windows(5)
+        .position(|w| w == [5, 0, 3, 0, 32])
+        .expect("cidr attribute present");
+    bytes[at] = 4;
+    assert!(merge_dump_bytes([bytes.as_slice()]).is_err());
+}
