@@ -12,6 +12,8 @@
 //! * `redb/commit_grouped`: the same with `Store::submit_batch`, 64 ops per transaction.
 //! * `redb/late_arrival_refold_4k`: one op that sorts before everything else (a late arrival from
 //!   another origin) into a log of 4096 ops: a full refold and rewrite of the state tables.
+//! * `redb/late_arrival_replay_4k`: one op slightly behind the newest (the common case): undo to
+//!   the store's checkpoint and replay from there (bounded by the checkpoint interval, 1024).
 //! * `redb/raw_commit_single`: a bare redb transaction inserting one 300-byte row: what the disk
 //!   and redb cost before any of our work.
 //!
@@ -219,6 +221,27 @@ fn bench_redb(c: &mut Criterion) {
             store.submit(&late, now_ms()).expect("committed");
         })
     });
+
+    // The common late arrival: an op from another origin only slightly behind (it sorts just
+    // before the newest op), into the same log. The store undoes back to its checkpoint (at most
+    // 1024 ops back) and replays from there instead of refolding everything.
+    let newest = clock;
+    g.bench_function("late_arrival_replay_4k", |b| {
+        b.iter(|| {
+            seq += 1;
+            let hlc = Hlc {
+                wall_ms: newest.wall_ms - 1,
+                logical: seq as u32,
+            };
+            let late = sealed(
+                &other,
+                seq,
+                hlc,
+                create(NodeId::ROOT, &format!("late{seq}"), false),
+            );
+            store.submit(&late, now_ms()).expect("committed");
+        })
+    });
     g.finish();
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);
@@ -253,6 +276,7 @@ fn write_summary() {
     let grouped = rate("redb/commit_grouped", GROUP);
     let raw_commit = rate("redb/raw_commit_single", 1);
     let late = mean_ns("redb/late_arrival_refold_4k").map(|ns| ns / 1e6);
+    let late_replay = mean_ns("redb/late_arrival_replay_4k").map(|ns| ns / 1e6);
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
     let summary = serde_json::json!({
         "bench": "state_ops",
@@ -265,6 +289,7 @@ fn write_summary() {
         "redb_commit_grouped_ops_per_s": grouped,
         "redb_raw_commits_per_s": raw_commit,
         "late_arrival_refold_ms_at_4096_ops": late,
+        "late_arrival_replay_ms_at_4096_ops": late_replay,
         "redb_group_size": GROUP,
         "redb_grouped_ratio_to_single": ratio(grouped, single),
     });

@@ -26,6 +26,7 @@
 //! [`Store::verify_against_log`] does the full check (refold in memory, compare rows and hash).
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 
 use redb::{
@@ -178,7 +179,42 @@ pub struct Store {
     clock: Hlc,
     rows_digest: Digest,
     refolds: u64,
+    replays: u64,
     max_skew_ms: u64,
+    checkpoint: Checkpoint,
+    checkpoint_interval: usize,
+}
+
+/// The first pre-image of every state row written since the checkpoint (`None`: it did not exist).
+type Undo = BTreeMap<(StateTable, Vec<u8>), Option<Vec<u8>>>;
+
+/// The state at a recent point of the fold, and how to put the tables back to it. A late op that
+/// sorts after `key` is folded by restoring this and replaying only the ops after `key`; one that
+/// sorts before it needs a full refold. In memory only: after a restart the first late op refolds
+/// fully and sets a new checkpoint.
+struct Checkpoint {
+    /// The last op folded into `state` (`None`: before the first op).
+    key: Option<FoldKey>,
+    state: State,
+    undo: Undo,
+    /// Request ids first used by ops after `key`.
+    requests: Vec<[u8; 40]>,
+    /// Ops folded after `key`.
+    ops: usize,
+}
+
+impl Checkpoint {
+    fn at(state: &State, key: Option<FoldKey>) -> Checkpoint {
+        let mut state = state.clone();
+        let _ = state.take_changes(); // already written: the clone starts clean
+        Checkpoint {
+            key,
+            state,
+            undo: Undo::new(),
+            requests: Vec::new(),
+            ops: 0,
+        }
+    }
 }
 
 /// The file name of the database inside the data directory.
@@ -246,6 +282,7 @@ impl Store {
 
         let l = load(&db)?;
         let ipam_config = l.state.ipam().config().clone();
+        let checkpoint = Checkpoint::at(&l.state, l.last_fold);
         let mut store = Store {
             db,
             path: path.into(),
@@ -257,7 +294,10 @@ impl Store {
             clock: l.clock,
             rows_digest: l.digest,
             refolds: 0,
+            replays: 0,
             max_skew_ms: DEFAULT_MAX_SKEW_MS,
+            checkpoint,
+            checkpoint_interval: 1024,
         };
         let (digest, stored_digest) = (l.digest, l.stored_digest);
         if digest != stored_digest {
@@ -296,9 +336,14 @@ impl Store {
         self.clock
     }
 
-    /// How many refolds (late arrivals) this process has done.
+    /// How many full refolds (a late op sorting before the checkpoint) this process has done.
     pub fn refolds(&self) -> u64 {
         self.refolds
+    }
+
+    /// How many replays from the checkpoint (a late op sorting after it) this process has done.
+    pub fn replays(&self) -> u64 {
+        self.replays
     }
 
     /// Sets how far in the future a received op's HLC may be (default 60 s).
@@ -414,6 +459,7 @@ impl Store {
                         id => {
                             if let Some(id) = id {
                                 requests.insert(&id[..], &fk[..])?;
+                                self.checkpoint.requests.push(id);
                             }
                             self.state.apply(op).map_err(NoEffect::from)
                         }
@@ -422,8 +468,13 @@ impl Store {
                         &mut tables,
                         self.state.take_changes(),
                         &mut self.rows_digest,
+                        Some(&mut self.checkpoint.undo),
                     )?;
                     self.last_fold = Some(fk);
+                    self.checkpoint.ops += 1;
+                    if self.checkpoint.ops >= self.checkpoint_interval {
+                        self.checkpoint = Checkpoint::at(&self.state, self.last_fold);
+                    }
                     results.push(Ok(Submitted::Appended {
                         origin: op.origin,
                         seq: op.seq,
@@ -440,7 +491,13 @@ impl Store {
             }
         }
         if needs_refold {
-            let effects = self.refold_in(tx)?;
+            let earliest = pending.iter().map(|(_, fk)| *fk).min();
+            let effects = match (self.checkpoint.key, earliest) {
+                // Every late op sorts after the checkpoint: replay from there.
+                (None, _) => self.replay_from_checkpoint(tx)?,
+                (Some(cp), Some(late)) if late > cp => self.replay_from_checkpoint(tx)?,
+                _ => self.refold_in(tx)?,
+            };
             for (i, fk) in pending {
                 let effect = effects.get(&fk).cloned().unwrap_or(Ok(()));
                 let (origin, seq) = origin_seq_of(&fk);
@@ -478,8 +535,84 @@ impl Store {
             &mut tables,
             self.state.take_changes(),
             &mut self.rows_digest,
+            None,
         )?;
+        self.checkpoint = Checkpoint::at(&self.state, self.last_fold);
         Ok(folded.effects)
+    }
+
+    /// Folds again from the checkpoint: puts the state rows and request ids back as they were at
+    /// the checkpoint (from the undo log), restarts from the checkpoint's state, and replays every op
+    /// after it in fold order. Cost: O(ops and rows changed since the checkpoint), not O(log).
+    fn replay_from_checkpoint(
+        &mut self,
+        tx: &WriteTransaction,
+    ) -> Result<BTreeMap<FoldKey, Result<(), NoEffect>>, StoreError> {
+        self.replays += 1;
+        let cp = &mut self.checkpoint;
+        let mut tables = open_state_tables(tx)?;
+        let mut requests = tx.open_table(REQUEST_IDS)?;
+        // 1. Back to the checkpoint.
+        let restore = std::mem::take(&mut cp.undo)
+            .into_iter()
+            .map(|((table, key), value)| RowChange { table, key, value })
+            .collect();
+        write_rows(&mut tables, restore, &mut self.rows_digest, None)?;
+        for id in cp.requests.drain(..) {
+            requests.remove(&id[..])?;
+        }
+        self.state = cp.state.clone();
+        cp.ops = 0;
+        // 2. Every op after the checkpoint, in fold order (the late ones are in `fold_index` now).
+        let log = tx.open_table(OP_LOG)?;
+        let fold = tx.open_table(FOLD_INDEX)?;
+        let after = cp.key.map(|k| k.to_vec());
+        let start = match &after {
+            Some(k) => Bound::Excluded(&k[..]),
+            None => Bound::Unbounded,
+        };
+        let mut effects = BTreeMap::new();
+        let mut last = cp.key;
+        for e in fold.range::<&[u8]>((start, Bound::Unbounded))? {
+            let (k, _) = e?;
+            let fk: FoldKey = k
+                .value()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("bad fold key".into()))?;
+            let logged = read_logged(&log, &fk)?;
+            let effect = match request_id(&logged) {
+                Some(id) if requests.get(&id[..])?.is_some() => Err(replayed(&logged)),
+                id => {
+                    if let Some(id) = id {
+                        requests.insert(&id[..], &fk[..])?;
+                        cp.requests.push(id);
+                    }
+                    self.state.apply(&logged.op).map_err(NoEffect::from)
+                }
+            };
+            write_rows(
+                &mut tables,
+                self.state.take_changes(),
+                &mut self.rows_digest,
+                Some(&mut cp.undo),
+            )?;
+            effects.insert(fk, effect);
+            last = Some(fk);
+            cp.ops += 1;
+        }
+        self.last_fold = last;
+        if cp.ops >= self.checkpoint_interval {
+            self.checkpoint = Checkpoint::at(&self.state, self.last_fold);
+        }
+        Ok(effects)
+    }
+
+    /// How many ops may be folded after the checkpoint before it moves up to the current state
+    /// (default 1024). A late op that sorts after the checkpoint costs a replay of at most about
+    /// this many ops; one that sorts before it costs a full refold. Moving the checkpoint clones
+    /// the state.
+    pub fn set_checkpoint_interval(&mut self, ops: usize) {
+        self.checkpoint_interval = ops.max(1);
     }
 
     /// Re-reads everything from the database (after a failed transaction).
@@ -490,6 +623,7 @@ impl Store {
         self.last_fold = l.last_fold;
         self.clock = self.clock.max(l.clock);
         self.rows_digest = l.digest;
+        self.checkpoint = Checkpoint::at(&self.state, self.last_fold);
         Ok(())
     }
 
@@ -835,6 +969,7 @@ fn write_rows(
     tables: &mut StateTables<'_>,
     rows: Vec<RowChange>,
     digest: &mut Digest,
+    mut undo: Option<&mut Undo>,
 ) -> Result<(), StoreError> {
     for r in rows {
         let (_, table) = tables
@@ -850,8 +985,12 @@ fn write_rows(
             }
             None => table.remove(&r.key[..])?.map(|g| g.value().to_vec()),
         };
-        if let Some(old) = old {
-            digest.sub(row_hash(r.table, &r.key, &old));
+        if let Some(old) = &old {
+            digest.sub(row_hash(r.table, &r.key, old));
+        }
+        if let Some(u) = undo.as_deref_mut() {
+            // Keep the FIRST pre-image: the row as it was at the checkpoint.
+            u.entry((r.table, r.key)).or_insert(old);
         }
     }
     Ok(())
@@ -954,7 +1093,7 @@ fn init_tables(db: &Database, root: PublicKey, mut state: State) -> Result<(), S
     let mut digest = Digest::default();
     {
         let mut tables = open_state_tables(&tx)?;
-        write_rows(&mut tables, state.take_changes(), &mut digest)?;
+        write_rows(&mut tables, state.take_changes(), &mut digest, None)?;
     }
     write_digest(&tx, &digest)?;
     tx.commit()?;
@@ -999,7 +1138,7 @@ fn migrate(db: &Database, from: u64, root: PublicKey) -> Result<(), StoreError> 
         let mut digest = Digest::default();
         {
             let mut tables = open_state_tables(&tx)?;
-            write_rows(&mut tables, state.take_changes(), &mut digest)?;
+            write_rows(&mut tables, state.take_changes(), &mut digest, None)?;
         }
         write_digest(&tx, &digest)?;
     }

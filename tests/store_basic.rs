@@ -174,10 +174,14 @@ fn late_arrival_refolds_to_the_same_state_as_fold_order() {
     let mut late = new_store(&d2);
     late.submit(&ops[0], 1_000).expect("a1");
     late.submit(&ops[2], 1_000).expect("a2");
-    assert_eq!(late.refolds(), 0);
+    assert_eq!((late.refolds(), late.replays()), (0, 0));
     let r = late.submit(&ops[1], 1_000).expect("b1 arrives late");
     assert!(effect_ok(&r), "b's create folds before a's: {r:?}");
-    assert_eq!(late.refolds(), 1);
+    assert_eq!(
+        late.replays(),
+        1,
+        "the checkpoint (the empty state) is before the late op"
+    );
     assert_eq!(late.state_hash(), in_order.state_hash());
     assert_eq!(
         late.state_rows().expect("rows"),
@@ -461,4 +465,66 @@ fn an_author_request_takes_effect_at_most_once() {
     let (s, report) = Store::open(&path).expect("reopen");
     assert!(!report.repaired);
     s.verify_against_log().expect("consistent after reopen");
+}
+
+/// A late op after the checkpoint is folded by undoing back to it and replaying; one before the
+/// checkpoint needs a full refold. Both give the state of the fold order, and consistent tables.
+#[test]
+fn late_ops_replay_from_the_checkpoint_or_refold_fully() {
+    let (a, b) = (key(1), key(2));
+    // a grants b admin first, then creates a2..a11 at t = 200..1100.
+    let mut a_ops = vec![sealed(&a, 1, hlc(50), grant_admin(b.public()))];
+    a_ops.extend((2..=11u64).map(|i| {
+        sealed(
+            &a,
+            i,
+            hlc(100 * i),
+            create(NodeId::ROOT, &format!("a{i}"), false),
+        )
+    }));
+    // b creates the same hostnames slightly earlier than a does, but b's ops arrive late: in fold
+    // order b's creates win and a's are refused.
+    let b_late = sealed(&b, 1, hlc(1_050), create(NodeId::ROOT, "a11", false));
+    let b_very_late = sealed(&b, 2, hlc(150), create(NodeId::ROOT, "a2", false));
+
+    let d1 = tempfile::tempdir().expect("tempdir");
+    let mut reference = new_store(&d1);
+    let mut all = a_ops.clone();
+    all.push(b_late.clone());
+    all.push(b_very_late.clone());
+    reference.submit_batch(&all, 10_000).expect("batch"); // one refold, in fold order
+
+    let d2 = tempfile::tempdir().expect("tempdir");
+    let mut s = new_store(&d2);
+    s.set_checkpoint_interval(4);
+    for o in &a_ops {
+        s.submit(o, 10_000).expect("a");
+    }
+    // The checkpoint moved to a's 8th op (t = 800); b1 at 1050 sorts after it: replay.
+    assert!(effect_ok(&s.submit(&b_late, 10_000).expect("b1")));
+    assert_eq!((s.replays(), s.refolds()), (1, 0));
+    s.verify_against_log().expect("consistent after replay");
+    assert!(
+        s.state()
+            .tree()
+            .get(&NodeId::derive(&a.public(), 11))
+            .is_none(),
+        "a's a11 lost to b's"
+    );
+    // b2 at 150 sorts before the checkpoint: full refold.
+    assert!(effect_ok(&s.submit(&b_very_late, 10_000).expect("b2")));
+    assert_eq!((s.replays(), s.refolds()), (1, 1));
+    s.verify_against_log().expect("consistent after refold");
+    assert!(
+        s.state()
+            .tree()
+            .get(&NodeId::derive(&a.public(), 2))
+            .is_none(),
+        "a's a2 lost to b's"
+    );
+    assert_eq!(
+        s.state_rows().expect("rows"),
+        reference.state_rows().expect("rows")
+    );
+    assert_eq!(s.state_hash(), reference.state_hash());
 }

@@ -177,6 +177,7 @@ proptest! {
         choices_a in proptest::collection::vec(0usize..4, 0..60),
         choices_b in proptest::collection::vec(0usize..4, 0..60),
         batches_a in proptest::collection::vec(1usize..6, 0..40),
+        checkpoint_every in 1usize..6,
     ) {
         let origins: Vec<Origin> = [1u8, 2, 3, 9]
             .iter()
@@ -209,6 +210,9 @@ proptest! {
 
         let dir = tempfile::tempdir().expect("tempdir");
         let mut a = fresh(&dir, "a.redb");
+        // A short checkpoint interval: late ops land both after the checkpoint (replay from it,
+        // undoing rows) and before it (full refold).
+        a.set_checkpoint_interval(checkpoint_every);
         deliver(&mut a, &logs, &choices_a, &batches_a);
         let mut b = fresh(&dir, "b.redb");
         deliver(&mut b, &logs, &choices_b, &[]);
