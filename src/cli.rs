@@ -44,6 +44,9 @@ pub enum Command {
     /// Address allocations (read offline from the data directory).
     #[command(subcommand)]
     Ipam(ShowCommand),
+    /// Run the server: genesis on an empty data directory, the client-plane WireGuard interface,
+    /// the public HTTPS API. See README "Running a server".
+    Serve(crate::server::ServeArgs),
     /// Print the effective configuration and where each value came from.
     Config {
         /// Print JSON instead of text.
@@ -113,6 +116,7 @@ pub fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<()> {
                 Ok(write!(out, "{}", crate::state::render_ipam(&snap.state))?)
             }
         }
+        Command::Serve(args) => crate::server::serve(cfg, args, out),
         Command::Config { json } => {
             if json {
                 return write_json(out, cfg);

@@ -2,6 +2,7 @@
 //!
 //! One module per domain. The pure cores (validation, the op-log fold, the permission tree, IPAM)
 //! take time and randomness as arguments and do no IO; the store and the CLI wrap them.
+pub mod api;
 pub mod authz;
 pub mod cli;
 pub mod config;
@@ -10,9 +11,11 @@ pub mod identity;
 pub mod ipam;
 pub mod keys;
 pub mod op;
+pub mod server;
 pub mod signed;
 pub mod state;
 pub mod store;
+pub mod tls;
 #[doc(hidden)]
 pub mod testkit;
 pub mod tree;

@@ -1,0 +1,39 @@
+//! `GET /api/health`: liveness, the dataplane backend (and whether it fell back to userspace),
+//! the state hash and the server's identity key.
+
+use actix_web::{HttpResponse, web};
+use serde::Serialize;
+
+use super::{ApiState, DataplaneInfo};
+
+#[derive(Serialize)]
+pub struct Health<'a> {
+    pub status: &'static str,
+    pub service: &'static str,
+    pub version: &'static str,
+    /// The server's Ed25519 identity key (base64).
+    pub server_key: String,
+    /// The cluster's trust anchor (base64).
+    pub cluster_root: String,
+    /// Hex SHA-256 of the replicated state: equal on every server holding the same ops.
+    pub state_hash: String,
+    pub dataplane: &'a DataplaneInfo,
+    /// True when `auto` fell back to the userspace backend.
+    pub dataplane_fell_back: bool,
+    pub registration: super::join::Registration,
+}
+
+pub async fn get(state: web::Data<ApiState>) -> HttpResponse {
+    let root = *state.lock_store().state().tree().anchor();
+    HttpResponse::Ok().json(Health {
+        status: "ok",
+        service: "lemonade-nexus",
+        version: env!("CARGO_PKG_VERSION"),
+        server_key: state.server.public().to_string(),
+        cluster_root: root.to_string(),
+        state_hash: hex::encode(state.state_hash()),
+        dataplane: &state.dataplane,
+        dataplane_fell_back: state.dataplane.fallback_reason.is_some(),
+        registration: state.settings.registration,
+    })
+}

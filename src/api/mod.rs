@@ -1,0 +1,305 @@
+//! The public HTTPS API (bootstrap: before the tunnel exists). One module per resource:
+//!
+//! | route                      | module       | auth                                  |
+//! |----------------------------|--------------|---------------------------------------|
+//! | `GET  /api/health`         | [`health`]   | none                                  |
+//! | `POST /api/auth/challenge` | [`auth`]     | none (issues a single-use challenge)  |
+//! | `POST /api/auth`           | [`auth`]     | Ed25519 proof over a challenge        |
+//! | `POST /api/join`           | [`join`]     | the same proof, inline                |
+//!
+//! Handlers are thin: they parse, call the pure functions of their module (unit-tested without
+//! HTTP), and append to the store. Every error is JSON of one stable shape,
+//! `{"error": {"code": "...", "message": "..."}}` ([`ApiError`]); bad input is a 4xx, never a 500
+//! or a panic (the JSON extractor's errors, unknown routes and wrong methods included).
+
+pub mod auth;
+pub mod client;
+pub mod health;
+pub mod join;
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError, web};
+use ring::rand::{SecureRandom, SystemRandom};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::identity::NodeKey;
+use crate::store::Store;
+use crate::tls::Pin;
+
+/// Largest JSON body accepted by any route (the biggest legitimate one, a join, is < 1 KiB).
+pub const MAX_JSON_BYTES: usize = 16 * 1024;
+
+/// An API error: an HTTP status and a stable machine-readable code.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
+    }
+    /// A server-side failure. The details go to the log, not to the client.
+    pub fn internal(what: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %what, "API request failed");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; see the server log",
+        )
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}): {}", self.status, self.code, self.message)
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        self.status
+    }
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status).json(ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+            },
+        })
+    }
+}
+
+/// Wall-clock time in unix ms, with an adjustable offset (tests move time forward to expire
+/// challenges and tokens through the real routes).
+#[derive(Debug, Default)]
+pub struct Clock {
+    offset_ms: AtomicI64,
+}
+
+impl Clock {
+    pub fn now_ms(&self) -> u64 {
+        let sys = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        sys.saturating_add(self.offset_ms.load(Ordering::Relaxed))
+            .max(0) as u64
+    }
+    /// Moves this clock forward by `ms`.
+    pub fn advance(&self, ms: i64) {
+        self.offset_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+}
+
+/// Which dataplane backend programs the client plane (shown by `/api/health`).
+#[derive(Clone, Debug, Serialize)]
+pub struct DataplaneInfo {
+    /// `kernel`, `userspace`, or `none` (no dataplane: API-only tests).
+    pub backend: String,
+    /// Why `auto` fell back to userspace, if it did.
+    pub fallback_reason: Option<String>,
+    /// The client-plane WireGuard interface.
+    pub interface: Option<String>,
+}
+
+/// What the join answer tells a client about this server.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub registration: join::Registration,
+    /// The server's client-plane WireGuard public key.
+    pub wg_public_key: [u8; 32],
+    /// The client-plane WireGuard UDP port.
+    pub wg_port: u16,
+    /// The host clients use to reach this server (WireGuard endpoint host). `None`: the host the
+    /// client used in its request.
+    pub public_host: Option<String>,
+    pub private_api_port: u16,
+    /// The API certificate's pin (returned to clients so they keep pinning it).
+    pub tls_pin: Option<Pin>,
+}
+
+/// Asks the dataplane reconciler to bring the WireGuard device to the store's state, and waits
+/// until it has. Requests made while a reconcile runs are coalesced into the next one.
+#[derive(Debug)]
+pub struct PeerSync {
+    requested: watch::Sender<u64>,
+    applied: watch::Receiver<u64>,
+}
+
+/// The reconciler's end of a [`PeerSync`].
+#[derive(Debug)]
+pub struct PeerSyncWorker {
+    pub requested: watch::Receiver<u64>,
+    pub applied: watch::Sender<u64>,
+}
+
+impl PeerSync {
+    pub fn new() -> (PeerSync, PeerSyncWorker) {
+        let (req_tx, req_rx) = watch::channel(0u64);
+        let (app_tx, app_rx) = watch::channel(0u64);
+        (
+            PeerSync {
+                requested: req_tx,
+                applied: app_rx,
+            },
+            PeerSyncWorker {
+                requested: req_rx,
+                applied: app_tx,
+            },
+        )
+    }
+
+    /// Requests a reconcile and waits up to `timeout` for it. Returns whether it happened in time
+    /// (if not, it still happens: the client's handshake simply waits for it).
+    pub async fn sync(&self, timeout: Duration) -> bool {
+        let mut generation = 0;
+        self.requested.send_modify(|g| {
+            *g += 1;
+            generation = *g;
+        });
+        let mut applied = self.applied.clone();
+        matches!(
+            tokio::time::timeout(timeout, applied.wait_for(|a| *a >= generation)).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+/// Everything the handlers share.
+pub struct ApiState {
+    /// The server's identity (signs ops and tokens).
+    pub server: NodeKey,
+    pub store: Mutex<Store>,
+    pub challenges: Mutex<auth::Challenges>,
+    pub settings: Settings,
+    pub dataplane: DataplaneInfo,
+    /// `None` when no dataplane runs (API-only tests).
+    pub peers: Option<PeerSync>,
+    pub clock: Clock,
+    /// The state hash, refreshed after every append (computing it walks the whole state).
+    state_hash: Mutex<[u8; 32]>,
+    rng: SystemRandom,
+}
+
+impl ApiState {
+    pub fn new(
+        server: NodeKey,
+        store: Store,
+        settings: Settings,
+        dataplane: DataplaneInfo,
+        peers: Option<PeerSync>,
+    ) -> Self {
+        let hash = store.state_hash();
+        ApiState {
+            server,
+            store: Mutex::new(store),
+            challenges: Mutex::new(auth::Challenges::new()),
+            settings,
+            dataplane,
+            peers,
+            clock: Clock::default(),
+            state_hash: Mutex::new(hash),
+            rng: SystemRandom::new(),
+        }
+    }
+
+    /// The state hash as of the last append.
+    pub fn state_hash(&self) -> [u8; 32] {
+        *self.state_hash.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refresh_hash(&self, store: &Store) {
+        *self.state_hash.lock().unwrap_or_else(|p| p.into_inner()) = store.state_hash();
+    }
+
+    fn random<const N: usize>(&self) -> Result<[u8; N], ApiError> {
+        let mut b = [0u8; N];
+        self.rng
+            .fill(&mut b)
+            .map_err(|_| ApiError::internal("system random number generator failed"))?;
+        Ok(b)
+    }
+
+    fn lock_store(&self) -> std::sync::MutexGuard<'_, Store> {
+        // A panic while holding the lock cannot leave the store half-written (every change is
+        // one redb transaction), so a poisoned lock is still usable.
+        self.store.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_challenges(&self) -> std::sync::MutexGuard<'_, auth::Challenges> {
+        self.challenges.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The JSON extractor's configuration: bounded bodies, and every rejection as an [`ApiError`].
+pub fn json_config() -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(MAX_JSON_BYTES)
+        .error_handler(|err, _req| {
+            use actix_web::error::JsonPayloadError as E;
+            let e = match &err {
+                E::ContentType => ApiError::new(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_media_type",
+                    "the body must be JSON (Content-Type: application/json)",
+                ),
+                E::Overflow { limit } | E::OverflowKnownLength { limit, .. } => ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the body is larger than {limit} bytes"),
+                ),
+                other => ApiError::bad_request("invalid_json", other.to_string()),
+            };
+            e.into()
+        })
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such route (or method not allowed)",
+    ))
+}
+
+/// Registers the public API on an actix app: `App::new().configure(api::public(state))`.
+pub fn public(state: Arc<ApiState>) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        cfg.app_data(web::Data::from(state))
+            .app_data(json_config())
+            .route("/api/health", web::get().to(health::get))
+            .route("/api/auth/challenge", web::post().to(auth::post_challenge))
+            .route("/api/auth", web::post().to(auth::post_auth))
+            .route("/api/join", web::post().to(join::post_join))
+            .default_service(web::to(not_found));
+    }
+}

@@ -1,0 +1,673 @@
+//! `lemonade-nexus serve`: the server process.
+//!
+//! Start-up, in order:
+//! 1. data directory, master key, identity (created on first start);
+//! 2. the store: on an empty data directory this is **genesis**: a new cluster whose trust anchor
+//!    is this server's key (or `--root`), then the server's own `server` node and, if
+//!    `--admin-key` is given, the first administrator's `admin` grant on the root. Nobody becomes
+//!    administrator by joining;
+//! 3. the API certificate (configured, or generated once) and its pin, printed with the join URL;
+//! 4. the client-plane WireGuard interface through the dataplane crate (kernel or userspace, by
+//!    detection or `--dataplane`), reconciled from the store: private key, port, every enrolled
+//!    device as a peer, the gateway addresses (slot 1 of the client prefixes, the address every
+//!    server answers on). This runs on every start, so `kill -9` and restart converge;
+//! 5. the public HTTPS API (`crate::api`) on `listen.api`.
+//!
+//! Then a reconciler task keeps the device equal to the store: on every join (coalesced) and
+//! every [`DRIFT_CHECK`] against drift (an operator's `wg set`, a restarted daemon).
+//! SIGINT/SIGTERM stop the API gracefully; the WireGuard device and its peers are left up, so
+//! clients keep their data path while the server restarts.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use lemonade_nexus_netlink::kernel::KernelBackend;
+use lemonade_nexus_netlink::kernel::detect::choose_backend;
+use lemonade_nexus_netlink::kernel::encode::Budget;
+use lemonade_nexus_netlink::model::PrivateKey;
+use lemonade_nexus_netlink::rtnl::{LinkConfig, Rtnl};
+use lemonade_nexus_netlink::uapi::UapiBackend;
+use lemonade_nexus_netlink::{
+    BackendKind, BackendPreference, DeviceConfig, DeviceDiff, Key, PeerConfig, WgBackend,
+};
+use ring::rand::SystemRandom;
+
+use crate::api::join::Registration;
+use crate::api::{self, ApiState, DataplaneInfo, PeerSync, PeerSyncWorker, Settings};
+use crate::config::{Config, Dataplane};
+use crate::identity::{self, Identity, MasterKey};
+use crate::ipam::IpamConfig;
+use crate::keys::PublicKey;
+use crate::op::OpBody;
+use crate::state::State;
+use crate::store::{self, Store, Submitted};
+use crate::tls::{self, JoinUrl};
+use crate::tree::{NodeId, NodeKind, Permission, Permissions, TreeOp, WgKey};
+
+/// How often the device is compared with the store even without a change.
+pub const DRIFT_CHECK: Duration = Duration::from_secs(30);
+/// The MTU of the client-plane interface (WireGuard's usual 1420).
+pub const CLIENT_MTU: u32 = 1420;
+/// The routing table named in the link config (no routes are put there yet: the interface
+/// addresses' prefixes route the client plane).
+pub const CLIENT_TABLE: u32 = 51940;
+
+/// `serve` options that are not in the shared configuration.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Base64 Ed25519 key of the first administrator: granted `admin` on the root at genesis.
+    /// Without it, only the trust anchor administers the cluster.
+    #[arg(long, value_name = "PUBKEY", env = "LEMONADE_NEXUS_ADMIN_KEY")]
+    pub admin_key: Option<PublicKey>,
+    /// Base64 Ed25519 key of the cluster's trust anchor at genesis. Default: this server's key.
+    #[arg(long, value_name = "PUBKEY", env = "LEMONADE_NEXUS_ROOT")]
+    pub root: Option<PublicKey>,
+    /// Whether unknown devices may join (each in its own customer group).
+    #[arg(long, value_enum, default_value_t = Registration::Open, env = "LEMONADE_NEXUS_REGISTRATION")]
+    pub registration: Registration,
+    /// API certificate chain (PEM). Default: a self-signed certificate generated in <data dir>/tls.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "LEMONADE_NEXUS_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// API certificate key (PEM).
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "LEMONADE_NEXUS_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Host name or address clients use to reach this server (join URL, WireGuard endpoint,
+    /// certificate name). Default: the listen address if specific, else what each client used.
+    #[arg(long, value_name = "HOST", env = "LEMONADE_NEXUS_PUBLIC_HOST")]
+    pub public_host: Option<String>,
+    /// Name of the client-plane WireGuard interface.
+    #[arg(
+        long,
+        value_name = "IFNAME",
+        default_value = "ln-client",
+        env = "LEMONADE_NEXUS_WG_INTERFACE"
+    )]
+    pub wg_interface: String,
+    /// Hostname of this server's node in the tree (a DNS label). Default: server-<key hash>.
+    #[arg(long, value_name = "NAME", env = "LEMONADE_NEXUS_SERVER_NAME")]
+    pub server_name: Option<String>,
+    /// Run the API without any WireGuard device (testing the API alone; joins are recorded but
+    /// no peer is programmed).
+    #[arg(long)]
+    pub no_dataplane: bool,
+}
+
+/// The WireGuard backend in use (static dispatch over the two implementations).
+#[derive(Clone, Debug)]
+pub enum Backend {
+    Kernel(KernelBackend),
+    Userspace(UapiBackend),
+}
+
+impl Backend {
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            Backend::Kernel(b) => b.kind(),
+            Backend::Userspace(b) => b.kind(),
+        }
+    }
+
+    pub async fn ensure_device(&self, ifname: &str) -> Result<()> {
+        match self {
+            Backend::Kernel(b) => b.ensure_device(ifname).await?,
+            Backend::Userspace(b) => b.ensure_device(ifname).await?,
+        }
+        Ok(())
+    }
+
+    pub async fn reconcile(&self, ifname: &str, desired: &DeviceConfig) -> Result<DeviceDiff> {
+        Ok(match self {
+            Backend::Kernel(b) => b.reconcile(ifname, desired).await?,
+            Backend::Userspace(b) => b.reconcile(ifname, desired).await?,
+        })
+    }
+}
+
+/// The gateway addresses of the client plane (slot 1: the address every server answers on),
+/// with the client prefixes' lengths so the kernel routes the whole plane through the interface.
+pub fn gateway_addresses(cfg: &IpamConfig) -> Result<Vec<IpNet>> {
+    let g = cfg.address_of(1);
+    Ok(vec![
+        IpNet::V4(Ipv4Net::new(g.v4, cfg.tunnel_v4.prefix_len())?),
+        IpNet::V6(Ipv6Net::new(g.v6, cfg.tunnel_v6.prefix_len())?),
+    ])
+}
+
+/// The client-plane device as the store says it should be: one peer per enrolled device that has
+/// a WireGuard key and a lease, allowed IPs its two tunnel addresses. Pure.
+///
+/// A WireGuard key held by two nodes (which join refuses, but a replicated state might still
+/// carry) goes to the node created first; the server's own key is never a peer.
+pub fn client_plane_device(
+    state: &State,
+    private_key: PrivateKey,
+    own_public: [u8; 32],
+    port: u16,
+) -> DeviceConfig {
+    let mut nodes: Vec<_> = state
+        .tree()
+        .nodes()
+        .filter(|n| n.kind == NodeKind::Endpoint)
+        .filter_map(|n| Some((n.created, n.id, n.wg_pubkey?)))
+        .collect();
+    nodes.sort();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut peers = Vec::new();
+    for (_, id, WgKey(k)) in nodes {
+        let Some(a) = state.ipam().tunnel_address(&id) else {
+            continue;
+        };
+        if k == own_public || !seen.insert(k) {
+            tracing::warn!(node = %id, "WireGuard key already used by another peer; node skipped");
+            continue;
+        }
+        peers.push(PeerConfig {
+            public_key: Key(k),
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: None,
+            allowed_ips: vec![
+                IpNet::V4(Ipv4Net::from(a.v4)),
+                IpNet::V6(Ipv6Net::from(a.v6)),
+            ],
+        });
+    }
+    DeviceConfig {
+        private_key: Some(private_key),
+        listen_port: Some(port),
+        fwmark: None,
+        peers,
+    }
+}
+
+/// The ops of genesis (or of a start that finds this server's node missing): this server's node
+/// and, at genesis only, the first administrator's grant. Pure.
+pub fn genesis_ops(
+    state: &State,
+    server: &PublicKey,
+    server_wg: [u8; 32],
+    server_name: &str,
+    admin: Option<PublicKey>,
+    fresh: bool,
+) -> Result<Vec<OpBody>> {
+    let tree = state.tree();
+    let mut ops = Vec::new();
+    let has_node = tree
+        .nodes()
+        .any(|n| n.kind == NodeKind::Server && n.owner.as_ref() == Some(server));
+    if !has_node {
+        ops.push(OpBody::Tree(TreeOp::Create {
+            parent: NodeId::ROOT,
+            kind: NodeKind::Server,
+            hostname: server_name.to_owned(),
+            owner: Some(*server),
+            wg_pubkey: Some(WgKey(server_wg)),
+        }));
+    }
+    if let Some(admin) = admin {
+        let granted =
+            crate::authz::authorize(tree, &admin, Permission::Admin, NodeId::ROOT).is_ok();
+        if !granted {
+            if !fresh {
+                bail!(
+                    "--admin-key {admin} is not an administrator of this cluster, and the first administrator can only be named at genesis (on an empty data directory); grant it with an admin op instead"
+                );
+            }
+            ops.push(OpBody::Tree(TreeOp::Grant {
+                node: NodeId::ROOT,
+                key: admin,
+                permissions: Permissions::ADMIN,
+            }));
+        }
+    }
+    Ok(ops)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Opens (or creates, at genesis) identity and store, and appends the genesis ops.
+fn open_state(cfg: &Config, args: &ServeArgs) -> Result<(Identity, Store, bool)> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.data_dir)
+        .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
+    identity::check_master_outside(&cfg.master_key_file, &cfg.data_dir)?;
+    let master = MasterKey::load_or_create(&cfg.master_key_file, &SystemRandom::new())?;
+    let (id, _) = Identity::load_or_create(&cfg.data_dir, &master, &SystemRandom::new())?;
+    let path = store::db_path(&cfg.data_dir);
+    let fresh = !path.exists();
+    let mut store = if fresh {
+        let root = args.root.unwrap_or(id.node.public());
+        let ipam = cfg
+            .ipam_config()
+            .map_err(|e| anyhow::anyhow!("overlay configuration: {e}"))?;
+        Store::create(&path, root, ipam)?.0
+    } else {
+        let store = Store::open(&path)?.0;
+        if args.root.is_some_and(|r| r != store.root()) {
+            bail!(
+                "--root differs from the trust anchor of the existing store {}",
+                path.display()
+            );
+        }
+        store
+    };
+    let me = id.node.public();
+    let name = args
+        .server_name
+        .clone()
+        .unwrap_or_else(|| format!("server-{}", &hex::encode(me.as_bytes())[..8]));
+    let ops = genesis_ops(
+        store.state(),
+        &me,
+        id.wireguard.public(),
+        &name,
+        args.admin_key,
+        fresh,
+    )?;
+    if !ops.is_empty() {
+        let batch = ops.into_iter().map(|b| (me, b, None)).collect();
+        for r in store.append_local_batch(&id.node, batch, now_ms())? {
+            if let Submitted::Appended { effect: Err(e), .. } = r? {
+                bail!(
+                    "genesis op refused: {e}. If the cluster's root is another key, that authority must first grant this server ({me}) admin on the root"
+                );
+            }
+        }
+    }
+    let tree = store.state().tree();
+    for p in [
+        Permission::AddChild,
+        Permission::AllocateIp,
+        Permission::Admin,
+    ] {
+        crate::authz::authorize(tree, &me, p, NodeId::ROOT).map_err(|e| {
+            anyhow::anyhow!("this server cannot enrol devices: {e}. The cluster root must grant it admin on the root")
+        })?;
+    }
+    Ok((id, store, fresh))
+}
+
+/// The running dataplane of the client plane.
+struct Plane {
+    backend: Backend,
+    ifname: String,
+    private_key: PrivateKey,
+    own_public: [u8; 32],
+    port: u16,
+    link: LinkConfig,
+    rtnl: Rtnl,
+}
+
+impl Plane {
+    async fn reconcile(&self, state: &ApiState) -> Result<()> {
+        let desired = {
+            let store = state.store.lock().unwrap_or_else(|p| p.into_inner());
+            client_plane_device(
+                store.state(),
+                self.private_key.clone(),
+                self.own_public,
+                self.port,
+            )
+        };
+        let diff = self.backend.reconcile(&self.ifname, &desired).await?;
+        if !diff.is_empty() {
+            tracing::info!(ifname = %self.ifname, peers = desired.peers.len(), "client-plane device reconciled");
+        }
+        let changes = self.rtnl.reconcile_link(&self.ifname, &self.link).await?;
+        if !changes.is_empty() {
+            tracing::info!(ifname = %self.ifname, ?changes, "client-plane link reconciled");
+        }
+        Ok(())
+    }
+}
+
+async fn start_plane(
+    cfg: &Config,
+    args: &ServeArgs,
+    id: &Identity,
+    ipam: &IpamConfig,
+) -> Result<(Plane, DataplaneInfo)> {
+    let pref = match cfg.dataplane {
+        Dataplane::Auto => BackendPreference::Auto,
+        Dataplane::Kernel => BackendPreference::Kernel,
+        Dataplane::Userspace => BackendPreference::Userspace,
+    };
+    let choice = choose_backend(pref).await?;
+    let backend = match choice.kind {
+        BackendKind::Kernel => Backend::Kernel(KernelBackend::connect(Budget::default()).await?),
+        BackendKind::Userspace => Backend::Userspace(UapiBackend::new()),
+    };
+    let ifname = args.wg_interface.clone();
+    backend
+        .ensure_device(&ifname)
+        .await
+        .with_context(|| format!("cannot create the client-plane WireGuard interface {ifname}"))?;
+    let private_key = PrivateKey(
+        id.wireguard
+            .private_base64()
+            .parse()
+            .context("the WireGuard identity key")?,
+    );
+    let plane = Plane {
+        backend,
+        ifname: ifname.clone(),
+        private_key,
+        own_public: id.wireguard.public(),
+        port: cfg.listen.wg_client_port,
+        link: LinkConfig {
+            up: true,
+            mtu: Some(CLIENT_MTU),
+            addresses: gateway_addresses(ipam)?,
+            routes: Vec::new(),
+            table: CLIENT_TABLE,
+            rule_priority: None,
+        },
+        rtnl: Rtnl::connect()?,
+    };
+    let info = DataplaneInfo {
+        backend: choice.kind.to_string(),
+        fallback_reason: choice.fallback_reason,
+        interface: Some(ifname),
+    };
+    Ok((plane, info))
+}
+
+/// Keeps the device equal to the store: on request (joins) and every [`DRIFT_CHECK`].
+async fn reconcile_loop(plane: Plane, state: Arc<ApiState>, mut worker: PeerSyncWorker) {
+    loop {
+        let generation = *worker.requested.borrow_and_update();
+        if let Err(e) = plane.reconcile(&state).await {
+            tracing::error!(error = %format!("{e:#}"), "client-plane reconcile failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        worker.applied.send_replace(generation);
+        tokio::select! {
+            r = worker.requested.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(DRIFT_CHECK) => {}
+        }
+    }
+}
+
+/// Runs the server until SIGINT/SIGTERM. `out` gets the start-up summary (identity, pin, URL).
+pub fn serve(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(serve_async(cfg, args, out))
+}
+
+async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write) -> Result<()> {
+    let (id, store, fresh) = open_state(cfg, &args)?;
+    let ipam = store.state().ipam().config().clone();
+    let api_addr = cfg.listen.api;
+    let public_host = args
+        .public_host
+        .clone()
+        .or_else(|| (!api_addr.ip().is_unspecified()).then(|| api_addr.ip().to_string()));
+    let names: Vec<String> = public_host
+        .iter()
+        .cloned()
+        .chain(["localhost".to_owned()])
+        .collect();
+    let cert = tls::load_or_generate(
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        &cfg.data_dir,
+        &names,
+    )?;
+
+    let (plane, dataplane) = if args.no_dataplane {
+        (
+            None,
+            DataplaneInfo {
+                backend: "none".into(),
+                fallback_reason: None,
+                interface: None,
+            },
+        )
+    } else {
+        let (p, i) = start_plane(cfg, &args, &id, &ipam).await?;
+        (Some(p), i)
+    };
+    let (peers, worker) = match plane {
+        Some(_) => {
+            let (s, w) = PeerSync::new();
+            (Some(s), Some(w))
+        }
+        None => (None, None),
+    };
+    let settings = Settings {
+        registration: args.registration,
+        wg_public_key: id.wireguard.public(),
+        wg_port: cfg.listen.wg_client_port,
+        public_host: public_host.clone(),
+        private_api_port: cfg.listen.private_api_port,
+        tls_pin: Some(cert.pin),
+    };
+    let state = Arc::new(ApiState::new(
+        id.node,
+        store,
+        settings,
+        dataplane.clone(),
+        peers,
+    ));
+
+    // The device first (converges after a crash), then the API.
+    let plane = match (plane, worker) {
+        (Some(p), Some(w)) => {
+            p.reconcile(&state)
+                .await
+                .context("initial reconcile of the client plane")?;
+            Some((p, w))
+        }
+        _ => None,
+    };
+
+    let listener = TcpListener::bind(api_addr)
+        .with_context(|| format!("cannot listen on {api_addr} (public API)"))?;
+    let bound = listener.local_addr()?;
+    let tls_cfg = tls::server_config(&cert)?;
+    let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+    let api_state = state.clone();
+    let http_thread =
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || -> Result<()> {
+                actix_web::rt::System::new().block_on(async move {
+                    let st = api_state.clone();
+                    let server = actix_web::HttpServer::new(move || {
+                        actix_web::App::new().configure(api::public(st.clone()))
+                    })
+                    .workers(2)
+                    .disable_signals()
+                    .shutdown_timeout(5)
+                    .listen_rustls_0_23(listener, tls_cfg)?
+                    .run();
+                    let _ = handle_tx.send(server.handle());
+                    server.await?;
+                    Ok(())
+                })
+            })?;
+    let handle = handle_rx.recv().context("the API server failed to start")?;
+
+    let host = public_host.unwrap_or_else(|| "<this-host>".into());
+    let url = JoinUrl {
+        host,
+        port: bound.port(),
+        pin: cert.pin,
+    };
+    writeln!(
+        out,
+        "lemonade-nexus serve: {}",
+        if fresh {
+            "genesis: new cluster"
+        } else {
+            "existing cluster"
+        }
+    )?;
+    writeln!(out, "server key:     {}", state.server.public())?;
+    writeln!(
+        out,
+        "cluster root:   {}",
+        state.store.lock().unwrap_or_else(|p| p.into_inner()).root()
+    )?;
+    writeln!(
+        out,
+        "dataplane:      {}{}",
+        dataplane.backend,
+        dataplane
+            .fallback_reason
+            .as_ref()
+            .map(|r| format!(" (FELL BACK: {r})"))
+            .unwrap_or_default()
+    )?;
+    writeln!(out, "public API:     https://{bound}")?;
+    writeln!(out, "TLS pin:        {}", cert.pin)?;
+    writeln!(out, "join URL:       {url}")?;
+    out.flush()?;
+
+    // The reconciler runs here, beside the signal wait (the backends' futures are not Send, so
+    // it is not a spawned task); shutdown drops it between two reconciles or mid-way, which is
+    // safe: every reconcile starts from a fresh dump.
+    match plane {
+        Some((p, w)) => {
+            tokio::select! {
+                _ = reconcile_loop(p, state.clone(), w) => {}
+                r = wait_for_shutdown() => r?,
+            }
+        }
+        None => wait_for_shutdown().await?,
+    }
+    tracing::info!("shutting down: API stops, the WireGuard device stays up");
+    handle.stop(true).await;
+    match http_thread.join() {
+        Ok(r) => r,
+        Err(_) => bail!("the API thread panicked"),
+    }
+}
+
+async fn wait_for_shutdown() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::join::{JoinRequest, plan_join};
+    use crate::hlc::Hlc;
+    use crate::identity::NodeKey;
+    use crate::op::Op;
+
+    fn apply_all(state: &mut State, server: &PublicKey, seq: &mut u64, ops: Vec<OpBody>) {
+        for body in ops {
+            *seq += 1;
+            let op = Op {
+                origin: *server,
+                seq: *seq,
+                hlc: Hlc {
+                    wall_ms: 1_000 + *seq,
+                    logical: 0,
+                },
+                author: *server,
+                body,
+            };
+            state.apply(&op).expect("applies");
+        }
+    }
+
+    #[test]
+    fn genesis_names_the_admin_once_and_only_at_genesis() {
+        let me = NodeKey::from_seed(&[1; 32]).public();
+        let admin = NodeKey::from_seed(&[2; 32]).public();
+        let mut state = State::new(me);
+        let ops = genesis_ops(&state, &me, [5; 32], "srv", Some(admin), true).expect("genesis");
+        assert_eq!(ops.len(), 2);
+        let mut seq = 0;
+        apply_all(&mut state, &me, &mut seq, ops);
+        assert!(
+            crate::authz::authorize(state.tree(), &admin, Permission::Admin, NodeId::ROOT).is_ok()
+        );
+        // A restart with the same flags appends nothing.
+        assert!(
+            genesis_ops(&state, &me, [5; 32], "srv", Some(admin), false)
+                .expect("again")
+                .is_empty()
+        );
+        // A later start cannot name another administrator.
+        let other = NodeKey::from_seed(&[3; 32]).public();
+        assert!(genesis_ops(&state, &me, [5; 32], "srv", Some(other), false).is_err());
+    }
+
+    #[test]
+    fn device_config_has_one_peer_per_leased_device() {
+        let me = NodeKey::from_seed(&[1; 32]).public();
+        let mut state = State::new(me);
+        let mut seq = 0;
+        let ops = genesis_ops(&state, &me, [5; 32], "srv", None, true).expect("genesis");
+        apply_all(&mut state, &me, &mut seq, ops);
+        for c in [2u8, 3] {
+            let req = JoinRequest {
+                client: NodeKey::from_seed(&[c; 32]).public(),
+                wg_pubkey: WgKey([c; 32]),
+                hostname: None,
+            };
+            let now = Hlc {
+                wall_ms: 2_000,
+                logical: 0,
+            };
+            let plan =
+                plan_join(&state, &me, seq + 1, &req, Registration::Open, now).expect("plan");
+            apply_all(&mut state, &me, &mut seq, plan.ops);
+        }
+        let dev = client_plane_device(&state, PrivateKey(Key([9; 32])), [5; 32], 51940);
+        assert_eq!(
+            dev.peers.len(),
+            2,
+            "the server node's own key is not a peer"
+        );
+        assert_eq!(dev.listen_port, Some(51940));
+        for p in &dev.peers {
+            assert_eq!(p.allowed_ips.len(), 2);
+            assert!(
+                p.allowed_ips
+                    .iter()
+                    .all(|n| n.prefix_len() == 32 || n.prefix_len() == 128)
+            );
+        }
+        assert_ne!(dev.peers[0].allowed_ips, dev.peers[1].allowed_ips);
+        let gw = gateway_addresses(state.ipam().config()).expect("gw");
+        assert_eq!(gw[0].to_string(), "10.64.0.1/10");
+    }
+}
