@@ -300,6 +300,11 @@ pub fn check_desired(desired: &DeviceConfig) -> Result<(), DesiredStateError> {
 /// The canonical form of an allowed-IP list: host bits cleared (the kernel stores and reports
 /// prefixes that way), sorted, without duplicates.
 pub fn canonical_allowed_ips(ips: &[IpNet]) -> Vec<IpNet> {
+    // Usually already canonical: copy without building a set.
+    let canonical = ips.iter().all(|n| n.trunc() == *n) && ips.windows(2).all(|w| w[0] < w[1]);
+    if canonical {
+        return ips.to_vec();
+    }
     let set: BTreeSet<IpNet> = ips.iter().map(IpNet::trunc).collect();
     set.into_iter().collect()
 }

@@ -15,6 +15,8 @@
 //! The budget is capped below 64 KiB: a netlink attribute's length is a `u16`, and the peers
 //! attribute of a message must not overflow it (netlink-packet-core would panic).
 
+use std::collections::VecDeque;
+
 use netlink_packet_core::{Emitable, NLM_F_ACK, NLM_F_REQUEST, NetlinkMessage};
 use netlink_packet_generic::GenlMessage;
 pub use netlink_packet_wireguard::WireguardMessage;
@@ -203,7 +205,7 @@ impl PeerEntry {
 }
 
 /// Device attributes of a diff (first message only).
-fn device_attrs(diff: &DeviceDiff) -> Vec<WireguardAttribute> {
+pub fn device_attrs(diff: &DeviceDiff) -> Vec<WireguardAttribute> {
     let mut attrs = Vec::new();
     if let Some(k) = &diff.private_key {
         attrs.push(WireguardAttribute::PrivateKey(k.0.0));
@@ -225,18 +227,29 @@ pub fn encode_diff(
     diff: &DeviceDiff,
     budget: Budget,
 ) -> Result<Vec<WireguardMessage>, EncodeError> {
+    let Some(mut packer) = diff_packer(ifname, diff, budget)? else {
+        return Ok(Vec::new());
+    };
+    for change in &diff.peers {
+        packer.push(PeerEntry::from_change(change))?;
+    }
+    Ok(packer.finish())
+}
+
+/// A [`Packer`] for a diff's SET messages, already holding the device attributes; `None` for an
+/// empty diff. Push `PeerEntry::from_change` of each change, taking ready messages as they come
+/// (the backend sends them while it encodes the rest, which keeps memory bounded).
+pub fn diff_packer(
+    ifname: &str,
+    diff: &DeviceDiff,
+    budget: Budget,
+) -> Result<Option<Packer>, EncodeError> {
     check_ifname(ifname)?;
     if diff.is_empty() {
-        return Ok(Vec::new());
+        return Ok(None);
     }
     let every = vec![WireguardAttribute::IfName(ifname.to_owned())];
-    pack(
-        WireguardCmd::SetDevice,
-        &every,
-        device_attrs(diff),
-        diff.peers.iter().map(PeerEntry::from_change),
-        budget,
-    )
+    Packer::new(WireguardCmd::SetDevice, every, device_attrs(diff), budget).map(Some)
 }
 
 /// Packs peers into messages. `every` goes in each message, `first` only in the first one.
@@ -248,24 +261,58 @@ pub fn pack(
     peers: impl IntoIterator<Item = PeerEntry>,
     budget: Budget,
 ) -> Result<Vec<WireguardMessage>, EncodeError> {
-    let limit = budget.bytes();
-    let base = HEADERS_LEN + every.buffer_len();
-    let mut packer = Packer {
-        cmd,
-        every,
-        messages: Vec::new(),
-        attrs: every.to_vec(),
-        peers: Vec::new(),
-        size: base + first.as_slice().buffer_len(),
-        base,
-        limit,
-    };
-    packer.attrs.extend(first);
-    if packer.size + NEST_HEADER_LEN > limit {
-        return Err(EncodeError::BudgetTooSmall(limit));
+    let mut packer = Packer::new(cmd, every.to_vec(), first, budget)?;
+    for entry in peers {
+        packer.push(entry)?;
+    }
+    Ok(packer.finish())
+}
+
+/// The incremental form of [`pack`]: peers are pushed one at a time and finished messages can
+/// be taken out as soon as they are complete.
+#[derive(Debug)]
+pub struct Packer {
+    cmd: WireguardCmd,
+    every: Vec<WireguardAttribute>,
+    ready: VecDeque<WireguardMessage>,
+    attrs: Vec<WireguardAttribute>,
+    peers: Vec<WireguardPeer>,
+    size: usize,
+    base: usize,
+    limit: usize,
+}
+
+impl Packer {
+    /// A packer whose messages all carry `every`, and whose first message also carries `first`.
+    pub fn new(
+        cmd: WireguardCmd,
+        every: Vec<WireguardAttribute>,
+        first: Vec<WireguardAttribute>,
+        budget: Budget,
+    ) -> Result<Self, EncodeError> {
+        let limit = budget.bytes();
+        let base = HEADERS_LEN + every.as_slice().buffer_len();
+        let mut attrs = every.clone();
+        let size = base + first.as_slice().buffer_len();
+        attrs.extend(first);
+        if size + NEST_HEADER_LEN > limit {
+            return Err(EncodeError::BudgetTooSmall(limit));
+        }
+        Ok(Packer {
+            cmd,
+            every,
+            ready: VecDeque::new(),
+            attrs,
+            peers: Vec::new(),
+            size,
+            base,
+            limit,
+        })
     }
 
-    for entry in peers {
+    /// Adds one peer, splitting its allowed IPs across messages if needed.
+    pub fn push(&mut self, entry: PeerEntry) -> Result<(), EncodeError> {
+        let limit = self.limit;
         let first_len = NEST_HEADER_LEN + entry.first.as_slice().buffer_len();
         let cont_len = NEST_HEADER_LEN + entry.continuation.as_slice().buffer_len();
         let mut ips = entry.allowed_ips.into_iter().peekable();
@@ -279,25 +326,25 @@ pub fn pack(
                 .peek()
                 .map(|ip| NEST_HEADER_LEN + ip.buffer_len())
                 .unwrap_or(0);
-            let list_header = if packer.peers.is_empty() {
+            let list_header = if self.peers.is_empty() {
                 NEST_HEADER_LEN
             } else {
                 0
             };
-            if packer.size + list_header + fixed_len + ip_len > limit {
-                if !packer.has_content() {
+            if self.size + list_header + fixed_len + ip_len > limit {
+                if !self.has_content() {
                     // Even an otherwise empty message cannot hold this fragment.
                     return Err(EncodeError::BudgetTooSmall(limit));
                 }
-                packer.flush();
+                self.flush();
                 continue;
             }
-            packer.size += list_header + fixed_len;
+            self.size += list_header + fixed_len;
             let mut fragment_ips = Vec::new();
             if ips.peek().is_some() {
-                packer.size += NEST_HEADER_LEN;
-                while let Some(ip) = ips.next_if(|ip| packer.size + ip.buffer_len() <= limit) {
-                    packer.size += ip.buffer_len();
+                self.size += NEST_HEADER_LEN;
+                while let Some(ip) = ips.next_if(|ip| self.size + ip.buffer_len() <= limit) {
+                    self.size += ip.buffer_len();
                     fragment_ips.push(ip);
                 }
             }
@@ -305,32 +352,28 @@ pub fn pack(
             if !fragment_ips.is_empty() {
                 peer_attrs.push(WireguardPeerAttribute::AllowedIps(fragment_ips));
             }
-            packer.peers.push(WireguardPeer(peer_attrs));
+            self.peers.push(WireguardPeer(peer_attrs));
             if ips.peek().is_none() {
-                break;
+                return Ok(());
             }
             // The rest of this peer's allowed IPs go in the next message, under its key only.
-            packer.flush();
+            self.flush();
             attrs = entry.continuation.clone();
             fixed_len = cont_len;
         }
     }
-    packer.flush();
-    Ok(packer.messages)
-}
 
-struct Packer<'a> {
-    cmd: WireguardCmd,
-    every: &'a [WireguardAttribute],
-    messages: Vec<WireguardMessage>,
-    attrs: Vec<WireguardAttribute>,
-    peers: Vec<WireguardPeer>,
-    size: usize,
-    base: usize,
-    limit: usize,
-}
+    /// The oldest finished message, if any.
+    pub fn pop_ready(&mut self) -> Option<WireguardMessage> {
+        self.ready.pop_front()
+    }
 
-impl Packer<'_> {
+    /// Closes the last message and returns every message not yet taken.
+    pub fn finish(mut self) -> Vec<WireguardMessage> {
+        self.flush();
+        self.ready.into()
+    }
+
     /// True when the current message carries peers or device attributes.
     fn has_content(&self) -> bool {
         !self.peers.is_empty() || self.attrs.len() > self.every.len()
@@ -339,7 +382,7 @@ impl Packer<'_> {
     /// Closes the current message (if it carries anything) and starts the next one.
     fn flush(&mut self) {
         if self.has_content() {
-            let mut attrs = std::mem::replace(&mut self.attrs, self.every.to_vec());
+            let mut attrs = std::mem::replace(&mut self.attrs, self.every.clone());
             if !self.peers.is_empty() {
                 attrs.push(WireguardAttribute::Peers(std::mem::take(&mut self.peers)));
             }
@@ -347,7 +390,7 @@ impl Packer<'_> {
                 HEADERS_LEN + attrs.as_slice().buffer_len() <= self.limit,
                 "packer size accounting is wrong"
             );
-            self.messages.push(WireguardMessage {
+            self.ready.push_back(WireguardMessage {
                 cmd: self.cmd,
                 attributes: attrs,
             });

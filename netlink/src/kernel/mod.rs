@@ -15,7 +15,7 @@ pub mod encode;
 #[cfg(test)]
 pub(crate) mod setmodel;
 
-use std::io;
+use std::{collections::VecDeque, io};
 
 use futures::StreamExt;
 use genetlink::{GenetlinkError, GenetlinkHandle};
@@ -30,7 +30,7 @@ use crate::{
     rtnl::{Rtnl, RtnlError},
 };
 use dump::{DumpError, merge_dump};
-use encode::{Budget, EncodeError, check_ifname, encode_diff, to_netlink};
+use encode::{Budget, EncodeError, PeerEntry, check_ifname, diff_packer, encode_diff, to_netlink};
 
 /// A kernel backend failure.
 #[derive(Debug, thiserror::Error)]
@@ -129,43 +129,18 @@ impl KernelBackend {
         self.budget
     }
 
-    /// Sends SET messages in order and waits for every acknowledgement. Messages are
-    /// pipelined: all are queued before the first acknowledgement is awaited; the kernel handles
-    /// them in order. Returns the number of messages sent.
+    /// Sends SET messages in order and waits for every acknowledgement. Returns the number of
+    /// messages sent.
     pub async fn send_set(
         &self,
         msgs: Vec<WireguardMessage>,
         op: &str,
     ) -> Result<usize, KernelError> {
-        let count = msgs.len();
-        let mut genl = self.genl.clone();
-        let mut replies = Vec::with_capacity(count);
-        for (i, msg) in msgs.into_iter().enumerate() {
-            let stream = genl
-                .send_request(to_netlink(msg, self.family_id, 0))
-                .map_err(|source| KernelError::Genetlink {
-                    op: format!("{op} (message {i})"),
-                    source,
-                })?;
-            replies.push(stream);
+        let mut sender = SetSender::new(self, op);
+        for msg in msgs {
+            sender.send(msg).await?;
         }
-        for (i, mut stream) in replies.into_iter().enumerate() {
-            while let Some(reply) = stream.next().await {
-                let reply = reply.map_err(|e| KernelError::Decode {
-                    op: format!("{op} (message {i} of {count})"),
-                    why: e.to_string(),
-                })?;
-                if let NetlinkPayload::Error(e) = reply.payload
-                    && e.code.is_some()
-                {
-                    return Err(KernelError::Kernel {
-                        op: format!("{op} (message {i} of {count})"),
-                        source: e.to_io(),
-                    });
-                }
-            }
-        }
-        Ok(count)
+        sender.finish().await
     }
 
     /// Sends a GET dump request and returns its parts, undecoded into the model.
@@ -320,10 +295,25 @@ impl WgBackend for KernelBackend {
         Ok(merge_dump(&self.get_parts(ifname).await?)?)
     }
 
+    /// Encodes and sends as it goes: each message leaves as soon as it is complete, with a
+    /// bounded number awaiting acknowledgement, so programming 50,000 peers never holds the
+    /// whole encoded configuration in memory.
     async fn apply(&self, ifname: &str, diff: &DeviceDiff) -> Result<(), KernelError> {
-        let msgs = encode_diff(ifname, diff, self.budget)?;
-        self.send_set(msgs, &format!("configure WireGuard device {ifname}"))
-            .await?;
+        let Some(mut packer) = diff_packer(ifname, diff, self.budget)? else {
+            return Ok(());
+        };
+        let op = format!("configure WireGuard device {ifname}");
+        let mut sender = SetSender::new(self, &op);
+        for change in &diff.peers {
+            packer.push(PeerEntry::from_change(change))?;
+            while let Some(msg) = packer.pop_ready() {
+                sender.send(msg).await?;
+            }
+        }
+        for msg in packer.finish() {
+            sender.send(msg).await?;
+        }
+        sender.finish().await?;
         Ok(())
     }
 
@@ -338,5 +328,88 @@ impl WgBackend for KernelBackend {
     async fn delete_device(&self, ifname: &str) -> Result<(), KernelError> {
         check_ifname(ifname)?;
         Ok(self.rtnl.delete_link(ifname).await?)
+    }
+}
+
+/// How many SET messages may await their acknowledgement at once. The kernel handles messages
+/// of one socket in order; keeping several in flight saves a round trip per message, and the
+/// bound keeps queued bytes (and acknowledgements) small.
+const SET_WINDOW: usize = 32;
+
+type ReplyStream = std::pin::Pin<
+    Box<
+        dyn futures::Stream<
+                Item = Result<
+                    NetlinkMessage<GenlMessage<WireguardMessage>>,
+                    netlink_packet_core::DecodeError,
+                >,
+            >,
+    >,
+>;
+
+/// Sends SET messages with a bounded window of unacknowledged ones, in order.
+struct SetSender<'a> {
+    backend: &'a KernelBackend,
+    genl: GenetlinkHandle,
+    op: &'a str,
+    inflight: VecDeque<(usize, ReplyStream)>,
+    sent: usize,
+}
+
+impl<'a> SetSender<'a> {
+    fn new(backend: &'a KernelBackend, op: &'a str) -> Self {
+        SetSender {
+            backend,
+            genl: backend.genl.clone(),
+            op,
+            inflight: VecDeque::new(),
+            sent: 0,
+        }
+    }
+
+    async fn send(&mut self, msg: WireguardMessage) -> Result<(), KernelError> {
+        if self.inflight.len() >= SET_WINDOW {
+            self.wait_oldest().await?;
+        }
+        let n = self.sent;
+        let stream = self
+            .genl
+            .send_request(to_netlink(msg, self.backend.family_id, 0))
+            .map_err(|source| KernelError::Genetlink {
+                op: format!("{} (message {n})", self.op),
+                source,
+            })?;
+        self.inflight.push_back((n, Box::pin(stream)));
+        self.sent += 1;
+        Ok(())
+    }
+
+    async fn wait_oldest(&mut self) -> Result<(), KernelError> {
+        let Some((n, mut stream)) = self.inflight.pop_front() else {
+            return Ok(());
+        };
+        while let Some(reply) = stream.next().await {
+            let reply = reply.map_err(|e| KernelError::Decode {
+                op: format!("{} (message {n})", self.op),
+                why: e.to_string(),
+            })?;
+            if let NetlinkPayload::Error(e) = reply.payload
+                && e.code.is_some()
+            {
+                return Err(KernelError::Kernel {
+                    op: format!("{} (message {n})", self.op),
+                    source: e.to_io(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for every outstanding acknowledgement; returns how many messages were sent.
+    async fn finish(mut self) -> Result<usize, KernelError> {
+        while !self.inflight.is_empty() {
+            self.wait_oldest().await?;
+        }
+        Ok(self.sent)
     }
 }
