@@ -14,11 +14,15 @@
 //! transaction (`Durability::Immediate`: when `submit` returns, the op is on disk).
 //!
 //! Folding: an op that sorts after the last folded op is applied incrementally. One that sorts
-//! earlier (a late arrival from another origin) triggers a deterministic **refold**: the state is
-//! rebuilt from an empty [`State`] by applying every op in fold order, and the state tables are
-//! rewritten. That costs O(ops in the log) per late op (decode + apply, no signature checks: the
-//! log only ever holds verified ops); [`Store::submit_batch`] pays it once per batch. Snapshots to
-//! bound it are future work.
+//! earlier (a late arrival from another origin) is folded from a **checkpoint**: the store keeps,
+//! in memory, the state at two recent points of the fold (taken every half checkpoint interval,
+//! 1024 ops by default) and an undo log of the first pre-image of every state row written since
+//! each. A late op that sorts after a checkpoint costs: put the rows back from the undo log, clone
+//! the checkpoint's state, replay the ops after it (at most about one interval). One that sorts
+//! before both checkpoints (very late, or the first late op after a restart) costs a **full
+//! refold**: O(ops in the log) decode + apply (no signature checks: the log only ever holds
+//! verified ops) and a rewrite of the state tables. [`Store::submit_batch`] pays either once per
+//! batch. Measured in `benches/state_ops.rs` (`late_arrival_*`).
 //!
 //! Integrity on open: a digest of all state rows is kept in `meta` (updated in O(changed rows)
 //! per commit: the wrapping sum of per-row SHA-256). On open the rows are re-digested; a mismatch
@@ -181,7 +185,8 @@ pub struct Store {
     refolds: u64,
     replays: u64,
     max_skew_ms: u64,
-    checkpoint: Checkpoint,
+    /// One or two checkpoints, oldest first; the last one's undo log records the current writes.
+    checkpoints: Vec<Checkpoint>,
     checkpoint_interval: usize,
 }
 
@@ -190,17 +195,25 @@ type Undo = BTreeMap<(StateTable, Vec<u8>), Option<Vec<u8>>>;
 
 /// The state at a recent point of the fold, and how to put the tables back to it. A late op that
 /// sorts after `key` is folded by restoring this and replaying only the ops after `key`; one that
-/// sorts before it needs a full refold. In memory only: after a restart the first late op refolds
-/// fully and sets a new checkpoint.
+/// sorts before every checkpoint needs a full refold. The store keeps two, half an interval apart,
+/// so the older one always trails the newest op. In memory only: after a restart the first late op
+/// older than the restart refolds fully.
 struct Checkpoint {
     /// The last op folded into `state` (`None`: before the first op).
     key: Option<FoldKey>,
     state: State,
     undo: Undo,
-    /// Request ids first used by ops after `key`.
+    /// Request ids first used by ops after `key` (until the next checkpoint).
     requests: Vec<[u8; 40]>,
-    /// Ops folded after `key`.
+    /// Ops folded after `key` (until the next checkpoint).
     ops: usize,
+}
+
+/// The newest checkpoint: where the current writes are recorded.
+fn segment(checkpoints: &mut [Checkpoint]) -> &mut Checkpoint {
+    checkpoints
+        .last_mut()
+        .expect("the store always has a checkpoint")
 }
 
 impl Checkpoint {
@@ -282,7 +295,7 @@ impl Store {
 
         let l = load(&db)?;
         let ipam_config = l.state.ipam().config().clone();
-        let checkpoint = Checkpoint::at(&l.state, l.last_fold);
+        let checkpoints = vec![Checkpoint::at(&l.state, l.last_fold)];
         let mut store = Store {
             db,
             path: path.into(),
@@ -296,7 +309,7 @@ impl Store {
             refolds: 0,
             replays: 0,
             max_skew_ms: DEFAULT_MAX_SKEW_MS,
-            checkpoint,
+            checkpoints,
             checkpoint_interval: 1024,
         };
         let (digest, stored_digest) = (l.digest, l.stored_digest);
@@ -459,7 +472,7 @@ impl Store {
                         id => {
                             if let Some(id) = id {
                                 requests.insert(&id[..], &fk[..])?;
-                                self.checkpoint.requests.push(id);
+                                segment(&mut self.checkpoints).requests.push(id);
                             }
                             self.state.apply(op).map_err(NoEffect::from)
                         }
@@ -468,13 +481,11 @@ impl Store {
                         &mut tables,
                         self.state.take_changes(),
                         &mut self.rows_digest,
-                        Some(&mut self.checkpoint.undo),
+                        Some(&mut segment(&mut self.checkpoints).undo),
                     )?;
                     self.last_fold = Some(fk);
-                    self.checkpoint.ops += 1;
-                    if self.checkpoint.ops >= self.checkpoint_interval {
-                        self.checkpoint = Checkpoint::at(&self.state, self.last_fold);
-                    }
+                    segment(&mut self.checkpoints).ops += 1;
+                    self.maybe_advance_checkpoint();
                     results.push(Ok(Submitted::Appended {
                         origin: op.origin,
                         seq: op.seq,
@@ -492,11 +503,14 @@ impl Store {
         }
         if needs_refold {
             let earliest = pending.iter().map(|(_, fk)| *fk).min();
-            let effects = match (self.checkpoint.key, earliest) {
-                // Every late op sorts after the checkpoint: replay from there.
-                (None, _) => self.replay_from_checkpoint(tx)?,
-                (Some(cp), Some(late)) if late > cp => self.replay_from_checkpoint(tx)?,
-                _ => self.refold_in(tx)?,
+            // The newest checkpoint that every late op sorts after, if any.
+            let from = self
+                .checkpoints
+                .iter()
+                .rposition(|c| c.key.is_none_or(|k| earliest.is_some_and(|late| late > k)));
+            let effects = match from {
+                Some(i) => self.replay_from_checkpoint(tx, i)?,
+                None => self.refold_in(tx)?,
             };
             for (i, fk) in pending {
                 let effect = effects.get(&fk).cloned().unwrap_or(Ok(()));
@@ -512,33 +526,84 @@ impl Store {
     }
 
     /// Rebuilds the state from the log in fold order inside `tx`, rewrites every state table, and
-    /// returns each op's effect by fold key.
+    /// returns each op's effect by fold key. Also leaves a checkpoint half an interval behind the
+    /// newest op (its state cloned on the way), so that the next slightly late op replays only
+    /// from there.
     fn refold_in(
         &mut self,
         tx: &WriteTransaction,
     ) -> Result<BTreeMap<FoldKey, Result<(), NoEffect>>, StoreError> {
         self.refolds += 1;
-        let folded = {
+        let mut state = State::with_ipam_config(self.root, self.ipam_config.clone())
+            .map_err(StoreError::Corrupt)?;
+        let mut effects = BTreeMap::new();
+        let mut used: BTreeMap<[u8; 40], FoldKey> = BTreeMap::new();
+        let mut tail_requests = Vec::new();
+        let mut last = None;
+        let mut head: Option<(Vec<RowChange>, State, Option<FoldKey>)> = None;
+        let n = {
             let log = tx.open_table(OP_LOG)?;
             let fold = tx.open_table(FOLD_INDEX)?;
-            fold_log(&log, &fold, self.root, &self.ipam_config)?
+            let n = usize::try_from(fold.len()?).unwrap_or(usize::MAX);
+            let split = n.saturating_sub(self.checkpoint_interval / 2);
+            for (idx, e) in fold.iter()?.enumerate() {
+                if idx == split {
+                    let rows = state.take_changes();
+                    head = Some((rows, state.clone(), last));
+                }
+                let (k, _) = e?;
+                let fk: FoldKey = k
+                    .value()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("bad fold key".into()))?;
+                let logged = read_logged(&log, &fk)?;
+                let effect = match request_id(&logged) {
+                    Some(id) if used.contains_key(&id) => Err(replayed(&logged)),
+                    id => {
+                        if let Some(id) = id {
+                            used.insert(id, fk);
+                            if idx >= split {
+                                tail_requests.push(id);
+                            }
+                        }
+                        state.apply(&logged.op).map_err(NoEffect::from)
+                    }
+                };
+                effects.insert(fk, effect);
+                last = Some(fk);
+            }
+            n
         };
-        self.state = folded.state;
-        self.last_fold = folded.last;
-        write_requests(tx, &folded.requests)?;
+        let (head_rows, cp_state, cp_key) = match head {
+            Some(h) => h,
+            None => (state.take_changes(), state.clone(), last), // checkpoint at the end
+        };
+        let tail_rows = state.take_changes();
+        write_requests(tx, &used)?;
         for t in StateTable::ALL {
             tx.delete_table(state_def(t))?;
         }
         self.rows_digest = Digest::default();
         let mut tables = open_state_tables(tx)?;
+        write_rows(&mut tables, head_rows, &mut self.rows_digest, None)?;
+        let mut cp = Checkpoint {
+            key: cp_key,
+            state: cp_state,
+            undo: Undo::new(),
+            requests: tail_requests,
+            ops: n.min(self.checkpoint_interval / 2),
+        };
+        // The tail's rows, recording the head's values as the checkpoint's undo log.
         write_rows(
             &mut tables,
-            self.state.take_changes(),
+            tail_rows,
             &mut self.rows_digest,
-            None,
+            Some(&mut cp.undo),
         )?;
-        self.checkpoint = Checkpoint::at(&self.state, self.last_fold);
-        Ok(folded.effects)
+        self.state = state;
+        self.last_fold = last;
+        self.checkpoints = vec![cp];
+        Ok(effects)
     }
 
     /// Folds again from the checkpoint: puts the state rows and request ids back as they were at
@@ -547,20 +612,25 @@ impl Store {
     fn replay_from_checkpoint(
         &mut self,
         tx: &WriteTransaction,
+        from: usize,
     ) -> Result<BTreeMap<FoldKey, Result<(), NoEffect>>, StoreError> {
         self.replays += 1;
-        let cp = &mut self.checkpoint;
         let mut tables = open_state_tables(tx)?;
         let mut requests = tx.open_table(REQUEST_IDS)?;
-        // 1. Back to the checkpoint.
-        let restore = std::mem::take(&mut cp.undo)
-            .into_iter()
-            .map(|((table, key), value)| RowChange { table, key, value })
-            .collect();
-        write_rows(&mut tables, restore, &mut self.rows_digest, None)?;
-        for id in cp.requests.drain(..) {
-            requests.remove(&id[..])?;
+        // 1. Back to checkpoint `from`: undo the newest segment first, so that each row ends with
+        //    its oldest pre-image.
+        for seg in self.checkpoints[from..].iter_mut().rev() {
+            let restore = std::mem::take(&mut seg.undo)
+                .into_iter()
+                .map(|((table, key), value)| RowChange { table, key, value })
+                .collect();
+            write_rows(&mut tables, restore, &mut self.rows_digest, None)?;
+            for id in seg.requests.drain(..) {
+                requests.remove(&id[..])?;
+            }
         }
+        self.checkpoints.truncate(from + 1);
+        let cp = &mut self.checkpoints[from];
         self.state = cp.state.clone();
         cp.ops = 0;
         // 2. Every op after the checkpoint, in fold order (the late ones are in `fold_index` now).
@@ -601,16 +671,26 @@ impl Store {
             cp.ops += 1;
         }
         self.last_fold = last;
-        if cp.ops >= self.checkpoint_interval {
-            self.checkpoint = Checkpoint::at(&self.state, self.last_fold);
-        }
+        self.maybe_advance_checkpoint();
         Ok(effects)
     }
 
-    /// How many ops may be folded after the checkpoint before it moves up to the current state
-    /// (default 1024). A late op that sorts after the checkpoint costs a replay of at most about
-    /// this many ops; one that sorts before it costs a full refold. Moving the checkpoint clones
-    /// the state.
+    /// Starts a new checkpoint at the current state once the newest one is half an interval old,
+    /// dropping the oldest beyond two.
+    fn maybe_advance_checkpoint(&mut self) {
+        if segment(&mut self.checkpoints).ops >= (self.checkpoint_interval / 2).max(1) {
+            self.checkpoints
+                .push(Checkpoint::at(&self.state, self.last_fold));
+            if self.checkpoints.len() > 2 {
+                self.checkpoints.remove(0);
+            }
+        }
+    }
+
+    /// The checkpoint spacing, in ops (default 1024; checkpoints are taken every half interval and
+    /// two are kept). A late op that sorts after the older checkpoint (at least half an interval
+    /// back) costs a replay of at most about this many ops; an older one costs a full refold.
+    /// Each checkpoint clones the state.
     pub fn set_checkpoint_interval(&mut self, ops: usize) {
         self.checkpoint_interval = ops.max(1);
     }
@@ -623,7 +703,7 @@ impl Store {
         self.last_fold = l.last_fold;
         self.clock = self.clock.max(l.clock);
         self.rows_digest = l.digest;
-        self.checkpoint = Checkpoint::at(&self.state, self.last_fold);
+        self.checkpoints = vec![Checkpoint::at(&self.state, self.last_fold)];
         Ok(())
     }
 
@@ -858,10 +938,6 @@ fn load(db: &impl ReadableDatabase) -> Result<Loaded, StoreError> {
 /// A fresh fold of the whole log.
 struct Folded {
     state: State,
-    /// Each op's effect, by fold key.
-    effects: BTreeMap<FoldKey, Result<(), NoEffect>>,
-    /// The last fold key.
-    last: Option<FoldKey>,
     /// The author requests used, and by which op (the `request_ids` table).
     requests: BTreeMap<[u8; 40], FoldKey>,
 }
@@ -874,9 +950,7 @@ fn fold_log(
     ipam: &IpamConfig,
 ) -> Result<Folded, StoreError> {
     let mut state = State::with_ipam_config(root, ipam.clone()).map_err(StoreError::Corrupt)?;
-    let mut effects = BTreeMap::new();
     let mut requests = BTreeMap::new();
-    let mut last = None;
     for e in fold.iter()? {
         let (k, _) = e?;
         let fk: FoldKey = k
@@ -884,24 +958,18 @@ fn fold_log(
             .try_into()
             .map_err(|_| StoreError::Corrupt("bad fold key".into()))?;
         let logged = read_logged(log, &fk)?;
-        let effect = match request_id(&logged) {
-            Some(id) if requests.contains_key(&id) => Err(replayed(&logged)),
+        // A request already used is a replay: no effect. Otherwise apply (refusals have no effect).
+        match request_id(&logged) {
+            Some(id) if requests.contains_key(&id) => {}
             id => {
                 if let Some(id) = id {
                     requests.insert(id, fk);
                 }
-                state.apply(&logged.op).map_err(NoEffect::from)
+                let _ = state.apply(&logged.op);
             }
-        };
-        effects.insert(fk, effect);
-        last = Some(fk);
+        }
     }
-    Ok(Folded {
-        state,
-        effects,
-        last,
-        requests,
-    })
+    Ok(Folded { state, requests })
 }
 
 /// Reads and decodes the op at fold key `fk` (bytes from our own log: verified, canonical-checked
