@@ -14,7 +14,7 @@
 //!   port the device picked.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
     net::SocketAddr,
 };
 
@@ -151,36 +151,37 @@ pub fn diff(
         out.fwmark = Some(mark);
     }
 
-    let actual_by_key: HashMap<&Key, &PeerConfig> = actual
+    // The actual peers by key, each remembering whether a desired peer matched it.
+    let mut actual_by_key: HashMap<&Key, (&PeerConfig, bool)> = actual
         .peers
         .iter()
-        .map(|p| (&p.config.public_key, &p.config))
+        .map(|p| (&p.config.public_key, (&p.config, false)))
         .collect();
-    let desired_keys: HashSet<&Key> = desired.peers.iter().map(|p| &p.public_key).collect();
-
-    // Removals first, in key order so the output is deterministic.
-    let mut removals: Vec<&Key> = actual
-        .peers
-        .iter()
-        .map(|p| &p.config.public_key)
-        .filter(|k| !desired_keys.contains(k))
-        .collect();
-    removals.sort();
-    removals.dedup();
-    out.peers
-        .extend(removals.into_iter().map(|k| PeerChange::Remove(*k)));
-
+    let mut updates = Vec::new();
     let mut additions = Vec::new();
     for want in &desired.peers {
-        match actual_by_key.get(&want.public_key) {
+        match actual_by_key.get_mut(&want.public_key) {
             None => additions.push(PeerChange::Add(normalized(want))),
-            Some(have) => {
+            Some((have, matched)) => {
+                *matched = true;
                 if let Some(update) = peer_update(have, want, caps) {
-                    out.peers.push(PeerChange::Update(update));
+                    updates.push(PeerChange::Update(update));
                 }
             }
         }
     }
+    // Removals first, in key order so the output is deterministic; then updates, then additions.
+    let mut removals: Vec<&Key> = actual_by_key
+        .iter()
+        .filter(|(_, (_, matched))| !matched)
+        .map(|(k, _)| *k)
+        .collect();
+    removals.sort_unstable();
+    out.peers
+        .reserve(removals.len() + updates.len() + additions.len());
+    out.peers
+        .extend(removals.into_iter().map(|k| PeerChange::Remove(*k)));
+    out.peers.extend(updates);
     out.peers.extend(additions);
     Ok(out)
 }
@@ -271,28 +272,33 @@ impl PrefixOwners {
 
 /// Refuses duplicate peers and prefixes given to two peers.
 pub fn check_desired(desired: &DeviceConfig) -> Result<(), DesiredStateError> {
-    let mut owner: HashMap<IpNet, &Key> = HashMap::with_capacity(desired.peers.len() * 2);
-    let mut seen: HashSet<&Key> = HashSet::with_capacity(desired.peers.len());
-    for peer in &desired.peers {
-        if !seen.insert(&peer.public_key) {
-            return Err(DesiredStateError::DuplicatePeer(peer.public_key));
-        }
-        for net in &peer.allowed_ips {
-            let prefix = net.trunc();
-            match owner.get(&prefix) {
-                Some(first) if **first != peer.public_key => {
-                    return Err(DesiredStateError::DuplicateAllowedIp {
-                        prefix,
-                        first: **first,
-                        second: peer.public_key,
-                    });
-                }
-                Some(_) => {}
-                None => {
-                    owner.insert(prefix, &peer.public_key);
-                }
-            }
-        }
+    // Sorting (rather than hashing) keeps this to two flat arrays: cheap even for 50,000 peers.
+    let peers = &desired.peers;
+    let mut keys: Vec<(&Key, usize)> = peers
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (&p.public_key, i))
+        .collect();
+    keys.sort_unstable();
+    if let Some(w) = keys.windows(2).find(|w| w[0].0 == w[1].0) {
+        return Err(DesiredStateError::DuplicatePeer(*w[1].0));
+    }
+    let total = peers.iter().map(|p| p.allowed_ips.len()).sum();
+    let mut prefixes: Vec<(IpNet, usize)> = Vec::with_capacity(total);
+    for (i, p) in peers.iter().enumerate() {
+        prefixes.extend(p.allowed_ips.iter().map(|n| (n.trunc(), i)));
+    }
+    prefixes.sort_unstable();
+    // Equal prefixes are adjacent, ordered by peer position: the first two owners conflict.
+    if let Some(w) = prefixes
+        .windows(2)
+        .find(|w| w[0].0 == w[1].0 && w[0].1 != w[1].1)
+    {
+        return Err(DesiredStateError::DuplicateAllowedIp {
+            prefix: w[0].0,
+            first: peers[w[0].1].public_key,
+            second: peers[w[1].1].public_key,
+        });
     }
     Ok(())
 }
