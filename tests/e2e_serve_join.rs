@@ -7,7 +7,6 @@
 //! client's traffic flows again without re-joining.
 
 #[path = "../netlink/tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use std::io::{BufRead, BufReader};
