@@ -1,0 +1,119 @@
+//! The `serve` process without a dataplane (no root needed): genesis names the administrator
+//! given by `--admin-key` (and only at genesis), the API answers over pinned HTTPS on the printed
+//! join URL, and SIGTERM stops the server cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lemonade_nexus::api::client::PinnedClient;
+use lemonade_nexus::identity::NodeKey;
+use lemonade_nexus::tls::JoinUrl;
+use serde_json::Value;
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn cmd(dir: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lemonade-nexus"));
+    c.args(["--config", "/dev/null", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--master-key-file")
+        .arg(dir.join("master.key"))
+        .args(["--listen-api", "127.0.0.1:0", "--log-level", "warn"]);
+    c
+}
+
+/// Starts `serve` and returns it with the printed join URL.
+fn start(dir: &std::path::Path, extra: &[&str]) -> (Proc, JoinUrl) {
+    let mut child = cmd(dir)
+        .args(["serve", "--no-dataplane"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("join URL:") {
+                let _ = tx.send(url.trim().to_owned());
+            }
+        }
+    });
+    let proc = Proc(child);
+    let url = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("serve printed its join URL");
+    (proc, JoinUrl::parse(&url).expect("join URL"))
+}
+
+#[test]
+fn genesis_admin_health_over_pinned_https_and_sigterm() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let admin = NodeKey::from_seed(&[11; 32]).public().to_string();
+    let (mut server, url) = start(dir.path(), &["--admin-key", &admin]);
+    assert_eq!(url.host, "127.0.0.1");
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let health: Value = rt.block_on(async {
+        let c = PinnedClient::new(url.clone()).expect("client");
+        c.get("/api/health")
+            .await
+            .expect("health")
+            .json()
+            .expect("json")
+    });
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["dataplane"]["backend"], "none");
+
+    // SIGTERM: a clean, prompt exit.
+    // SAFETY: kill takes a pid and a signal number; the pid is our own live child.
+    let rc = unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = server.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve did not stop within 15 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "serve exited with {status}");
+
+    // The administrator was written at genesis.
+    let tree = cmd(dir.path())
+        .args(["tree", "show", "--json"])
+        .output()
+        .expect("tree show");
+    assert!(tree.status.success());
+    let text = String::from_utf8_lossy(&tree.stdout);
+    assert!(text.contains(&admin), "admin grant in the tree: {text}");
+
+    // A later start cannot name another administrator.
+    let other = NodeKey::from_seed(&[12; 32]).public().to_string();
+    let out = cmd(dir.path())
+        .args(["serve", "--no-dataplane", "--admin-key", &other])
+        .output()
+        .expect("second serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("genesis"), "{err}");
+
+    // The same admin key again is fine (idempotent), and the certificate pin is kept.
+    let (_again, url2) = start(dir.path(), &["--admin-key", &admin]);
+    assert_eq!(url2.pin, url.pin);
+}
