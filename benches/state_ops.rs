@@ -125,7 +125,10 @@ fn bench_cpu(c: &mut Criterion) {
 
 fn bench_dir() -> PathBuf {
     // On the target disk (not a tmpfs), so fsync costs what it costs in production.
-    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-scratch/state_ops");
+    // Per process: two runs at once must not share (and delete) each other's databases.
+    let d = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/bench-scratch")
+        .join(format!("state_ops-{}", std::process::id()));
     std::fs::create_dir_all(&d).expect("scratch dir");
     d
 }
