@@ -47,6 +47,9 @@ pub enum Command {
     /// Run the server: genesis on an empty data directory, the client-plane WireGuard interface,
     /// the public HTTPS API. See README "Running a server".
     Serve(crate::server::ServeArgs),
+    /// Join a server as a client device: authenticate, enrol, program the local WireGuard
+    /// interface. The URL is the one `serve` prints (it carries the server's certificate pin).
+    Join(crate::api::client::JoinArgs),
     /// Print the effective configuration and where each value came from.
     Config {
         /// Print JSON instead of text.
@@ -117,6 +120,7 @@ pub fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<()> {
             }
         }
         Command::Serve(args) => crate::server::serve(cfg, args, out),
+        Command::Join(args) => crate::api::client::join_command(cfg, args, out),
         Command::Config { json } => {
             if json {
                 return write_json(out, cfg);

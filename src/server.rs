@@ -115,6 +115,26 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Picks and builds the backend for `preference` (see `choose_backend`): `auto` falls back to
+    /// userspace loudly. Returns the backend and why it fell back, if it did.
+    pub async fn choose_with_reason(
+        preference: BackendPreference,
+    ) -> Result<(Backend, lemonade_nexus_netlink::BackendChoice)> {
+        let choice = choose_backend(preference).await?;
+        let backend = match choice.kind {
+            BackendKind::Kernel => {
+                Backend::Kernel(KernelBackend::connect(Budget::default()).await?)
+            }
+            BackendKind::Userspace => Backend::Userspace(UapiBackend::new()),
+        };
+        Ok((backend, choice))
+    }
+
+    /// [`Backend::choose_with_reason`] without the reason.
+    pub async fn choose(preference: BackendPreference) -> Result<Backend> {
+        Ok(Self::choose_with_reason(preference).await?.0)
+    }
+
     pub fn kind(&self) -> BackendKind {
         match self {
             Backend::Kernel(b) => b.kind(),
@@ -355,11 +375,7 @@ async fn start_plane(
         Dataplane::Kernel => BackendPreference::Kernel,
         Dataplane::Userspace => BackendPreference::Userspace,
     };
-    let choice = choose_backend(pref).await?;
-    let backend = match choice.kind {
-        BackendKind::Kernel => Backend::Kernel(KernelBackend::connect(Budget::default()).await?),
-        BackendKind::Userspace => Backend::Userspace(UapiBackend::new()),
-    };
+    let (backend, choice) = Backend::choose_with_reason(pref).await?;
     let ifname = args.wg_interface.clone();
     backend
         .ensure_device(&ifname)

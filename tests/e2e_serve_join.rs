@@ -1,10 +1,11 @@
 //! End to end in network namespaces (needs root; CI is root), with the userspace backend
-//! (real `wireguard-go`): `lemonade-nexus serve` runs in namespace `srv`; a client in namespace
-//! `cli` (joined to `srv` by a veth pair) joins over HTTPS with the pinned certificate of the
-//! printed join URL, brings up its own WireGuard device from the join answer and pings the
-//! server's tunnel address. Then the server is killed with SIGKILL, its WireGuard peer removed
-//! behind its back, and after a restart the peer is back (reconciled from the store) and the
-//! client's traffic flows again without re-joining.
+//! (real `wireguard-go`): `lemonade-nexus serve` runs in namespace `srv`; `lemonade-nexus join
+//! URL` runs in namespace `cli` (joined to `srv` by a veth pair): it joins over HTTPS pinned to
+//! the certificate in the printed join URL, brings up its own WireGuard device from the answer,
+//! and pings the server's tunnel address. Then the server is killed with SIGKILL and its
+//! WireGuard peer removed behind its back; after a restart the peer is back (reconciled from the
+//! store) and traffic flows again without re-joining. Joining again from the same client data
+//! directory keeps the node and the address.
 
 #[path = "../netlink/tests/common/mod.rs"]
 mod common;
@@ -13,13 +14,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Netns, keypair, must, unique_name};
-use lemonade_nexus::api::client::PinnedClient;
+use common::{Netns, must, unique_name};
 use lemonade_nexus::api::join::JoinResponse;
-use lemonade_nexus::identity::NodeKey;
 use lemonade_nexus::tls::JoinUrl;
-use lemonade_nexus_netlink::uapi::UapiBackend;
-use lemonade_nexus_netlink::{DeviceConfig, PeerConfig, WgBackend};
 
 const SRV_UNDERLAY: &str = "192.168.231.1";
 const CLI_UNDERLAY: &str = "192.168.231.2";
@@ -122,18 +119,12 @@ fn serve_join_traffic_and_recovery_after_kill_9() {
     let (server, url) = start_server(&srv, dir.path(), &sif);
     assert_eq!(url.host, SRV_UNDERLAY);
 
-    // The client joins over HTTPS from its namespace, pinning the printed certificate.
-    let key = NodeKey::from_seed(&[42; 32]);
-    let (wg_private, wg_public) = keypair();
-    let join_url = url.clone();
-    let wg_pub_text = wg_public.to_string();
-    let joined: JoinResponse = cli.block_on(|| async move {
-        let c = PinnedClient::new(join_url).expect("client");
-        c.join(&key, &wg_pub_text, Some("laptop"))
-            .await
-            .expect("join")
-    });
+    // The client joins with `lemonade-nexus join URL` from its namespace: pinned HTTPS, then its
+    // own WireGuard device (userspace) and addresses from the answer.
+    let joined = client_join(&cli, dir.path(), &url, &cif);
+    assert!(!joined.existing);
     assert!(joined.peer_programmed, "the join answer waits for the peer");
+    let wg_public = client_wg_key(dir.path());
     let allowed = wg_allowed_ips(&srv, &sif);
     let expected = format!(
         "{wg_public}\t{}/32 {}/128",
@@ -143,41 +134,6 @@ fn serve_join_traffic_and_recovery_after_kill_9() {
         allowed.contains(&expected),
         "wg show on the server: {allowed:?}, want {expected:?}"
     );
-
-    // The client's own device, from the join answer.
-    let answer = joined.clone();
-    let dev_name = cif.clone();
-    cli.block_on(|| async move {
-        let b = UapiBackend::new();
-        b.ensure_device(&dev_name).await.expect("client device");
-        let desired = DeviceConfig {
-            private_key: Some(wg_private),
-            listen_port: None,
-            fwmark: None,
-            peers: vec![PeerConfig {
-                public_key: answer.server_wg_pubkey.parse().expect("server wg key"),
-                preshared_key: None,
-                endpoint: Some(answer.server_wg_endpoint.parse().expect("endpoint")),
-                persistent_keepalive: Some(5),
-                allowed_ips: answer
-                    .allowed_ips
-                    .iter()
-                    .map(|n| n.parse().expect("prefix"))
-                    .collect(),
-            }],
-        };
-        b.reconcile(&dev_name, &desired)
-            .await
-            .expect("client reconcile");
-    });
-    cli.ip(&[
-        "address",
-        "add",
-        &format!("{}/10", joined.tunnel_ipv4),
-        "dev",
-        &cif,
-    ]);
-    cli.ip(&["link", "set", &cif, "up"]);
     assert!(
         ping(&cli, &joined.server_tunnel_ipv4, Duration::from_secs(15)),
         "client pings the server's tunnel address through WireGuard"
@@ -204,4 +160,55 @@ fn serve_join_traffic_and_recovery_after_kill_9() {
         ping(&cli, &joined.server_tunnel_ipv4, Duration::from_secs(15)),
         "traffic recovers without re-joining"
     );
+
+    // A restarted client (join again with the same data directory) keeps its identity and address.
+    let again = client_join(&cli, dir.path(), &url, &cif);
+    assert!(again.existing);
+    assert_eq!(
+        (again.node_id, again.tunnel_ipv4),
+        (joined.node_id, joined.tunnel_ipv4.clone())
+    );
+    assert!(ping(
+        &cli,
+        &joined.server_tunnel_ipv4,
+        Duration::from_secs(15)
+    ));
+}
+
+fn client_cmd(ns: &Netns, dir: &std::path::Path) -> std::process::Command {
+    let mut c = ns.cmd(env!("CARGO_BIN_EXE_lemonade-nexus"));
+    c.args(["--config", "/dev/null", "--data-dir"])
+        .arg(dir.join("client"))
+        .arg("--master-key-file")
+        .arg(dir.join("client-master.key"))
+        .args(["--dataplane", "userspace"]);
+    c
+}
+
+/// Runs `lemonade-nexus join` in `ns` and returns the answer it saved.
+fn client_join(ns: &Netns, dir: &std::path::Path, url: &JoinUrl, ifname: &str) -> JoinResponse {
+    let out = must(client_cmd(ns, dir).args([
+        "join",
+        &url.to_string(),
+        "--hostname",
+        "laptop",
+        "--wg-interface",
+        ifname,
+    ]));
+    eprintln!("join: {out}");
+    let saved = std::fs::read(dir.join("client").join("join.json")).expect("join.json");
+    serde_json::from_slice(&saved).expect("join answer")
+}
+
+fn client_wg_key(dir: &std::path::Path) -> String {
+    let out = must(
+        std::process::Command::new(env!("CARGO_BIN_EXE_lemonade-nexus"))
+            .args(["--config", "/dev/null", "--data-dir"])
+            .arg(dir.join("client"))
+            .arg("--master-key-file")
+            .arg(dir.join("client-master.key"))
+            .args(["identity", "show", "--json"]),
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    v["wireguard_public_key"].as_str().expect("key").to_owned()
 }

@@ -520,7 +520,7 @@ pub(super) fn token_for(
     let claims = TokenClaims {
         subject,
         node,
-        cluster: state.lock_store().root(),
+        cluster: state.root,
     };
     let nonce = u64::from_le_bytes(state.random()?);
     Ok((

@@ -230,6 +230,48 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lemonade_nexus_netlink::Key;
+
+    fn answer() -> JoinResponse {
+        JoinResponse {
+            token: "t".into(),
+            token_expires_at_ms: 0,
+            node_id: "n".into(),
+            group_id: "g".into(),
+            existing: false,
+            tunnel_ipv4: "10.64.3.17".into(),
+            tunnel_ipv6: "fd6c:6e00::311".into(),
+            addresses: vec![],
+            server_wg_pubkey: Key([5; 32]).to_string(),
+            server_wg_endpoint: "192.0.2.1:51940".into(),
+            server_tunnel_ipv4: "10.64.0.1".into(),
+            server_tunnel_ipv6: "fd6c:6e00::1".into(),
+            allowed_ips: vec!["10.64.0.0/10".into(), "fd6c:6e00::/48".into()],
+            dns_servers: vec![],
+            private_api: String::new(),
+            tls_pin: None,
+            peer_programmed: true,
+        }
+    }
+
+    #[test]
+    fn the_join_answer_becomes_one_server_peer_and_plane_wide_addresses() {
+        let (dev, link) = client_device(&answer(), PrivateKey(Key([1; 32]))).expect("config");
+        assert_eq!(dev.peers.len(), 1);
+        let p = &dev.peers[0];
+        assert_eq!(p.public_key, Key([5; 32]));
+        assert_eq!(p.endpoint, Some("192.0.2.1:51940".parse().expect("addr")));
+        assert_eq!(p.allowed_ips.len(), 2);
+        let addrs: Vec<String> = link.addresses.iter().map(|a| a.to_string()).collect();
+        assert_eq!(addrs, vec!["10.64.3.17/10", "fd6c:6e00::311/48"]);
+
+        let mut outside = answer();
+        outside.tunnel_ipv4 = "192.168.1.1".into();
+        assert!(client_device(&outside, PrivateKey(Key([1; 32]))).is_err());
+        let mut bad = answer();
+        bad.server_wg_endpoint = "not an endpoint".into();
+        assert!(client_device(&bad, PrivateKey(Key([1; 32]))).is_err());
+    }
 
     #[test]
     fn parses_length_and_chunked_answers_and_refuses_garbage() {
@@ -248,4 +290,175 @@ mod tests {
                 .is_err()
         );
     }
+}
+
+// ---- the join agent (minimal: join once, program the interface, exit) ----
+
+use lemonade_nexus_netlink::model::{IpNet, PrivateKey};
+use lemonade_nexus_netlink::rtnl::LinkConfig;
+use lemonade_nexus_netlink::{DeviceConfig, PeerConfig};
+
+use crate::config::Config;
+
+/// `lemonade-nexus join` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct JoinArgs {
+    /// The join URL the server printed: https://HOST:PORT/#pin=sha256:...
+    pub url: String,
+    /// This device's name in the tree (a DNS label). Default: device-<key hash>.
+    #[arg(long, value_name = "NAME")]
+    pub hostname: Option<String>,
+    /// Name of the local WireGuard interface.
+    #[arg(long, value_name = "IFNAME", default_value = "ln-wg")]
+    pub wg_interface: String,
+    /// Join only (print the answer); do not program a WireGuard interface.
+    #[arg(long)]
+    pub no_dataplane: bool,
+}
+
+/// The local WireGuard device and link a join answer asks for. Pure.
+///
+/// The interface addresses carry the plane's prefix lengths (`10.64.x.y/10`), so the kernel's
+/// connected routes send the whole client plane through the interface, with no routing table or
+/// policy rule to manage.
+pub fn client_device(
+    answer: &JoinResponse,
+    private_key: PrivateKey,
+) -> Result<(DeviceConfig, LinkConfig)> {
+    let allowed: Vec<IpNet> = answer
+        .allowed_ips
+        .iter()
+        .map(|p| {
+            p.parse::<IpNet>()
+                .with_context(|| format!("allowed IP {p:?}"))
+        })
+        .collect::<Result<_>>()?;
+    let v4: std::net::Ipv4Addr = answer.tunnel_ipv4.parse().context("tunnel_ipv4")?;
+    let v6: std::net::Ipv6Addr = answer.tunnel_ipv6.parse().context("tunnel_ipv6")?;
+    let mut addresses = Vec::new();
+    for net in &allowed {
+        let a = match net {
+            IpNet::V4(n) => IpNet::V4(ipnet::Ipv4Net::new(v4, n.prefix_len())?),
+            IpNet::V6(n) => IpNet::V6(ipnet::Ipv6Net::new(v6, n.prefix_len())?),
+        };
+        if !net.contains(&a.addr()) {
+            bail!("the server gave address {a} outside the plane {net}");
+        }
+        addresses.push(a);
+    }
+    let device = DeviceConfig {
+        private_key: Some(private_key),
+        listen_port: None,
+        fwmark: None,
+        peers: vec![PeerConfig {
+            public_key: answer
+                .server_wg_pubkey
+                .parse()
+                .context("server_wg_pubkey")?,
+            preshared_key: None,
+            endpoint: Some(
+                answer
+                    .server_wg_endpoint
+                    .parse()
+                    .context("server_wg_endpoint must be ip:port")?,
+            ),
+            persistent_keepalive: Some(25),
+            allowed_ips: allowed,
+        }],
+    };
+    let link = LinkConfig {
+        up: true,
+        mtu: Some(crate::server::CLIENT_MTU),
+        addresses,
+        routes: Vec::new(),
+        table: crate::server::CLIENT_TABLE,
+        rule_priority: None,
+    };
+    Ok((device, link))
+}
+
+/// `lemonade-nexus join URL`: loads (or creates) this device's identity, joins over pinned
+/// HTTPS, programs the local WireGuard interface and its addresses, and saves the answer in
+/// `<data dir>/join.json` (mode 0600: it holds the token). Running it again keeps the identity,
+/// so the server answers with the same node and address.
+pub fn join_command(cfg: &Config, args: JoinArgs, out: &mut dyn std::io::Write) -> Result<()> {
+    use ring::rand::SystemRandom;
+    use std::os::unix::fs::DirBuilderExt;
+    let url = JoinUrl::parse(&args.url)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&cfg.data_dir)
+        .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
+    crate::identity::check_master_outside(&cfg.master_key_file, &cfg.data_dir)?;
+    let master =
+        crate::identity::MasterKey::load_or_create(&cfg.master_key_file, &SystemRandom::new())?;
+    let (id, _) =
+        crate::identity::Identity::load_or_create(&cfg.data_dir, &master, &SystemRandom::new())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let answer = rt.block_on(async {
+        let client = PinnedClient::new(url.clone())?;
+        client
+            .join(
+                &id.node,
+                &id.wireguard.public_base64(),
+                args.hostname.as_deref(),
+            )
+            .await
+    })?;
+    crate::identity::write_atomic(
+        &cfg.data_dir.join("join.json"),
+        &serde_json::to_vec_pretty(&answer)?,
+    )?;
+    if !args.no_dataplane {
+        let private = PrivateKey(
+            id.wireguard
+                .private_base64()
+                .parse()
+                .context("the WireGuard identity key")?,
+        );
+        let (device, link) = client_device(&answer, private)?;
+        rt.block_on(program(cfg, &args.wg_interface, &device, &link))?;
+    }
+    writeln!(out, "joined {} as node {}", url.host, answer.node_id)?;
+    writeln!(
+        out,
+        "tunnel addresses: {} {}",
+        answer.tunnel_ipv4, answer.tunnel_ipv6
+    )?;
+    writeln!(
+        out,
+        "server: {} (WireGuard {})",
+        answer.server_wg_endpoint, answer.server_wg_pubkey
+    )?;
+    if !args.no_dataplane {
+        writeln!(out, "interface: {}", args.wg_interface)?;
+    }
+    Ok(())
+}
+
+async fn program(
+    cfg: &Config,
+    ifname: &str,
+    device: &DeviceConfig,
+    link: &LinkConfig,
+) -> Result<()> {
+    use lemonade_nexus_netlink::BackendPreference;
+    let pref = match cfg.dataplane {
+        crate::config::Dataplane::Auto => BackendPreference::Auto,
+        crate::config::Dataplane::Kernel => BackendPreference::Kernel,
+        crate::config::Dataplane::Userspace => BackendPreference::Userspace,
+    };
+    let backend = crate::server::Backend::choose(pref).await?;
+    backend
+        .ensure_device(ifname)
+        .await
+        .with_context(|| format!("cannot create WireGuard interface {ifname}"))?;
+    backend.reconcile(ifname, device).await?;
+    lemonade_nexus_netlink::rtnl::Rtnl::connect()?
+        .reconcile_link(ifname, link)
+        .await?;
+    Ok(())
 }

@@ -24,13 +24,12 @@ pub struct Health<'a> {
 }
 
 pub async fn get(state: web::Data<ApiState>) -> HttpResponse {
-    let root = *state.lock_store().state().tree().anchor();
     HttpResponse::Ok().json(Health {
         status: "ok",
         service: "lemonade-nexus",
         version: env!("CARGO_PKG_VERSION"),
         server_key: state.server.public().to_string(),
-        cluster_root: root.to_string(),
+        cluster_root: state.root.to_string(),
         state_hash: hex::encode(state.state_hash()),
         dataplane: &state.dataplane,
         dataplane_fell_back: state.dataplane.fallback_reason.is_some(),

@@ -205,6 +205,9 @@ pub struct ApiState {
     /// `None` when no dataplane runs (API-only tests).
     pub peers: Option<PeerSync>,
     pub clock: Clock,
+    /// The cluster's trust anchor (fixed for the store's life; kept here so no route needs the
+    /// store lock just to name the cluster).
+    pub root: crate::keys::PublicKey,
     /// The state hash, refreshed after every append (computing it walks the whole state).
     state_hash: Mutex<[u8; 32]>,
     rng: SystemRandom,
@@ -219,7 +222,9 @@ impl ApiState {
         peers: Option<PeerSync>,
     ) -> Self {
         let hash = store.state_hash();
+        let root = store.root();
         ApiState {
+            root,
             server,
             store: Mutex::new(store),
             challenges: Mutex::new(auth::Challenges::new()),
