@@ -15,7 +15,7 @@ pub mod server;
 pub mod signed;
 pub mod state;
 pub mod store;
-pub mod tls;
 #[doc(hidden)]
 pub mod testkit;
+pub mod tls;
 pub mod tree;
