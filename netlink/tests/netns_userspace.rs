@@ -66,10 +66,7 @@ fn userspace_daemon_lifecycle_errno_and_stale_socket() {
         let bad = b.set(&ifname, b"set=1\npublic_key=not-hex\n\n").await;
         assert!(matches!(bad, Err(UapiError::Errno(e)) if e != 0), "{bad:?}");
         let bad_port = b.set(&ifname, b"set=1\nlisten_port=70000\n\n").await;
-        assert!(
-            matches!(bad_port, Err(UapiError::Errno(_))),
-            "{bad_port:?}"
-        );
+        assert!(matches!(bad_port, Err(UapiError::Errno(_))), "{bad_port:?}");
         // The daemon still answers after rejecting requests.
         assert_eq!(b.get(&ifname).await.expect("get").listen_port, 51999);
 
@@ -87,6 +84,15 @@ fn userspace_daemon_lifecycle_errno_and_stale_socket() {
             b.get(&ifname).await.expect("get").peers.is_empty(),
             "a fresh device"
         );
+        // delete_device waits until the old daemon released its port: the same port again.
+        b.reconcile(&ifname, &desired)
+            .await
+            .expect("same listen port after delete");
+        b.delete_device(&ifname).await.expect("delete");
+        b.ensure_device(&ifname).await.expect("restart at once");
+        b.reconcile(&ifname, &desired)
+            .await
+            .expect("same listen port right after delete");
         b.delete_device(&ifname).await.expect("delete");
     });
 }

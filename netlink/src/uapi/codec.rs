@@ -35,9 +35,10 @@ pub const DEFAULT_MAX_REPLY_LEN: usize = 256 * 1024 * 1024;
 /// Everything that can go wrong when speaking UAPI.
 #[derive(Debug, thiserror::Error)]
 pub enum UapiError {
-    /// The device answered with a non-zero `errno=` (for example 22, EINVAL, for a bad value, or
-    /// 98, EADDRINUSE, for a listen port already taken).
-    #[error("the WireGuard device refused the request: errno={0} ({desc})", desc = std::io::Error::from_raw_os_error(*.0))]
+    /// The device answered with a non-zero `errno=`, as it wrote it: wireguard-go writes negative
+    /// values (-22, EINVAL, for a bad value; -98, EADDRINUSE, for a listen port already taken),
+    /// boringtun positive ones.
+    #[error("the WireGuard device refused the request: errno={0} ({desc})", desc = errno_text(*.0))]
     Errno(i32),
     /// The reply was not the protocol: a line without `=`, a bad value, a missing terminator.
     #[error("malformed UAPI reply at line {line}: {what}")]
@@ -55,6 +56,11 @@ pub enum UapiError {
     /// Starting or stopping the userspace implementation failed.
     #[error("userspace WireGuard for {ifname}: {what}")]
     Process { ifname: String, what: String },
+}
+
+/// The OS description of an errno of either sign.
+fn errno_text(e: i32) -> String {
+    std::io::Error::from_raw_os_error(e.checked_abs().unwrap_or(0)).to_string()
 }
 
 fn malformed(line: usize, what: impl Into<String>) -> UapiError {
@@ -829,6 +835,8 @@ mod tests {
 
     #[test]
     fn errno_and_malformed_replies_are_errors() {
+        let e = parse_set_reply(b"errno=-98\n\n").expect_err("wireguard-go's negative errno");
+        assert!(e.to_string().contains("errno=-98 (Address already in use"), "{e}");
         assert!(matches!(parse_set_reply(b"errno=0\n\n"), Ok(())));
         assert!(matches!(
             parse_set_reply(b"errno=22\n\n"),

@@ -285,9 +285,15 @@ impl WgBackend for UapiBackend {
     }
 
     /// Deletes the socket file, which makes the daemon shut down and remove its TUN link, and
-    /// waits until the link is gone from the calling thread's network namespace.
+    /// waits until the link is gone from the calling thread's network namespace and the daemon
+    /// has released its UDP port (wireguard-go closes the TUN first and the port a moment later;
+    /// a device re-created at once on the same port would otherwise get EADDRINUSE).
     async fn delete_device(&self, ifname: &str) -> Result<(), UapiError> {
         let path = self.socket_path(ifname)?;
+        let port = match self.get(ifname).await {
+            Ok(state) if state.listen_port != 0 => Some(state.listen_port),
+            _ => None,
+        };
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -308,7 +314,30 @@ impl WgBackend for UapiBackend {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        while let Some(port) = port.filter(|p| !udp_port_free(*p)) {
+            if Instant::now() > deadline {
+                return Err(UapiError::Process {
+                    ifname: ifname.to_owned(),
+                    what: format!("UDP port {port} still taken after the device was deleted"),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(())
+    }
+}
+
+/// Whether UDP `port` can be bound in the calling thread's network namespace. The IPv6 wildcard
+/// bind is dual-stack (it conflicts with an IPv4 holder too); without IPv6, IPv4 is checked.
+fn udp_port_free(port: u16) -> bool {
+    use std::net::{Ipv4Addr, Ipv6Addr, UdpSocket};
+    match UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port)) {
+        Ok(_) => true,
+        Err(e) if e.kind() == ErrorKind::AddrInUse => false,
+        Err(_) => !matches!(
+            UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)),
+            Err(e) if e.kind() == ErrorKind::AddrInUse
+        ),
     }
 }
 
