@@ -563,3 +563,47 @@ fn the_pin_check_refuses_a_wrong_certificate() {
     rt.block_on(handle.stop(true));
     server_thread.join().expect("server thread");
 }
+
+/// The committed OpenAPI document is the one the code generates (regenerate with
+/// `LN_UPDATE_OPENAPI=1 cargo test --test api_public openapi`), and the server serves it.
+#[actix_web::test]
+async fn the_committed_openapi_document_matches_the_code_and_is_served() {
+    let generated = api::openapi_document();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data-schema/openapi-public.json"
+    );
+    if std::env::var_os("LN_UPDATE_OPENAPI").is_some() {
+        std::fs::write(path, &generated).expect("write the document");
+    }
+    let committed = std::fs::read_to_string(path)
+        .expect("data-schema/openapi-public.json (create it with LN_UPDATE_OPENAPI=1)");
+    assert!(
+        committed == generated,
+        "data-schema/openapi-public.json differs from the code; regenerate it with LN_UPDATE_OPENAPI=1 cargo test --test api_public openapi"
+    );
+    let doc: Value = serde_json::from_str(&generated).expect("JSON");
+    assert!(doc["openapi"].as_str().expect("version").starts_with("3.1"));
+    for route in [
+        "/api/health",
+        "/api/auth/challenge",
+        "/api/auth",
+        "/api/join",
+    ] {
+        assert!(doc["paths"][route].is_object(), "{route} documented");
+    }
+
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = api_state(dir.path(), Registration::Open);
+    let app = app!(state);
+    let resp = test::call_service(
+        &app,
+        test::TestRequest::get()
+            .uri("/api/openapi.json")
+            .to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = test::read_body(resp).await;
+    assert_eq!(body, generated.as_bytes());
+}

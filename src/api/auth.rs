@@ -413,7 +413,7 @@ use actix_web::{HttpResponse, web};
 use super::{ApiError, ApiState};
 
 /// `POST /api/auth/challenge` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChallengeRequest {
     /// The client's Ed25519 public key, base64.
@@ -421,7 +421,7 @@ pub struct ChallengeRequest {
 }
 
 /// `POST /api/auth/challenge` answer.
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, utoipa::ToSchema)]
 pub struct ChallengeResponse {
     /// 32 random bytes, base64.
     pub challenge: String,
@@ -448,7 +448,7 @@ impl ChallengeResponse {
 }
 
 /// `POST /api/auth` body.
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthRequest {
     /// The proof envelope (base64), see [`make_proof`].
@@ -456,7 +456,7 @@ pub struct AuthRequest {
 }
 
 /// `POST /api/auth` answer.
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, utoipa::ToSchema)]
 pub struct AuthResponse {
     pub token: String,
     pub expires_at_ms: u64,
@@ -482,6 +482,17 @@ impl From<AuthError> for ApiError {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/auth/challenge",
+    tag = "public",
+    request_body = ChallengeRequest,
+    responses(
+        (status = 200, description = "A fresh single-use challenge", body = ChallengeResponse),
+        (status = 400, description = "Malformed body or key", body = super::ErrorBody),
+        (status = 503, description = "Too many outstanding challenges", body = super::ErrorBody),
+    )
+)]
 pub async fn post_challenge(
     state: web::Data<ApiState>,
     body: web::Json<ChallengeRequest>,
@@ -529,6 +540,17 @@ pub(super) fn token_for(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/auth",
+    tag = "public",
+    request_body = AuthRequest,
+    responses(
+        (status = 200, description = "A short-lived token", body = AuthResponse),
+        (status = 400, description = "Malformed body", body = super::ErrorBody),
+        (status = 401, description = "No valid proof of possession", body = super::ErrorBody),
+    )
+)]
 pub async fn post_auth(
     state: web::Data<ApiState>,
     body: web::Json<AuthRequest>,

@@ -2,12 +2,12 @@
 //! the state hash and the server's identity key.
 
 use actix_web::{HttpResponse, web};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{ApiState, DataplaneInfo};
 
-#[derive(Serialize)]
-pub struct Health<'a> {
+#[derive(Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Health {
     pub status: &'static str,
     pub service: &'static str,
     pub version: &'static str,
@@ -17,12 +17,18 @@ pub struct Health<'a> {
     pub cluster_root: String,
     /// Hex SHA-256 of the replicated state: equal on every server holding the same ops.
     pub state_hash: String,
-    pub dataplane: &'a DataplaneInfo,
+    pub dataplane: DataplaneInfo,
     /// True when `auto` fell back to the userspace backend.
     pub dataplane_fell_back: bool,
     pub registration: super::join::Registration,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/health",
+    tag = "public",
+    responses((status = 200, description = "The server is up", body = Health))
+)]
 pub async fn get(state: web::Data<ApiState>) -> HttpResponse {
     HttpResponse::Ok().json(Health {
         status: "ok",
@@ -31,7 +37,7 @@ pub async fn get(state: web::Data<ApiState>) -> HttpResponse {
         server_key: state.server.public().to_string(),
         cluster_root: state.root.to_string(),
         state_hash: hex::encode(state.state_hash()),
-        dataplane: &state.dataplane,
+        dataplane: state.dataplane.clone(),
         dataplane_fell_back: state.dataplane.fallback_reason.is_some(),
         registration: state.settings.registration,
     })

@@ -27,7 +27,18 @@ use crate::state::State;
 use crate::tree::{NodeField, NodeId, NodeKind, Permission, Permissions, Tree, TreeOp, WgKey};
 
 /// Whether unknown devices may join.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Registration {
     /// Any device that proves its key joins, in its own customer group.
@@ -307,7 +318,7 @@ use crate::store::{StoreError, Submitted};
 pub const PEER_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `POST /api/join` body.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JoinBody {
     /// Proof of possession of the device key over a fresh challenge (see `auth`).
@@ -319,7 +330,7 @@ pub struct JoinBody {
 }
 
 /// `POST /api/join` answer: everything the client needs to bring its tunnel up.
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, utoipa::ToSchema)]
 pub struct JoinResponse {
     pub token: String,
     pub token_expires_at_ms: u64,
@@ -449,6 +460,20 @@ fn join_in_store(state: &ApiState, req: &JoinRequest) -> Result<Joined, ApiError
     })
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/join",
+    tag = "public",
+    request_body = JoinBody,
+    responses(
+        (status = 200, description = "Enrolled: everything the device needs", body = JoinResponse),
+        (status = 400, description = "Malformed body, key or hostname", body = super::ErrorBody),
+        (status = 401, description = "No valid proof of possession", body = super::ErrorBody),
+        (status = 403, description = "Registration is closed", body = super::ErrorBody),
+        (status = 409, description = "WireGuard key already in use", body = super::ErrorBody),
+        (status = 503, description = "Address pool exhausted", body = super::ErrorBody),
+    )
+)]
 pub async fn post_join(
     state: web::Data<ApiState>,
     http: HttpRequest,

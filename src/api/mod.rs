@@ -73,15 +73,17 @@ impl std::fmt::Display for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
+/// The body of every error answer.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody<'a> {
+    pub error: ErrorDetail<'a>,
 }
 
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'a str,
-    message: &'a str,
+/// A stable machine-readable `code` and a human `message`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail<'a> {
+    pub code: &'a str,
+    pub message: &'a str,
 }
 
 impl ResponseError for ApiError {
@@ -121,7 +123,7 @@ impl Clock {
 }
 
 /// Which dataplane backend programs the client plane (shown by `/api/health`).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct DataplaneInfo {
     /// `kernel`, `userspace`, or `none` (no dataplane: API-only tests).
     pub backend: String,
@@ -296,6 +298,34 @@ async fn not_found() -> Result<HttpResponse, ApiError> {
     ))
 }
 
+/// The OpenAPI 3.1 document of the public API, generated from the handlers and types
+/// (committed as `data-schema/openapi-public.json`; a test fails when the two drift apart).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Lemonade Nexus public API",
+        description = "Bootstrap API: health, Ed25519 proof-of-possession authentication, join. Errors are {\"error\": {\"code\", \"message\"}}."
+    ),
+    paths(health::get, auth::post_challenge, auth::post_auth, join::post_join),
+    components(schemas(ErrorBody, ErrorDetail))
+)]
+pub struct PublicApiDoc;
+
+/// The document as pretty JSON (what is committed).
+pub fn openapi_document() -> String {
+    use utoipa::OpenApi;
+    let mut doc = PublicApiDoc::openapi();
+    // The crate version would make the committed file change on every release bump.
+    doc.info.version = "1".into();
+    doc.to_pretty_json().unwrap_or_default() + "\n"
+}
+
+async fn openapi_json() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(openapi_document())
+}
+
 /// Registers the public API on an actix app: `App::new().configure(api::public(state))`.
 pub fn public(state: Arc<ApiState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
@@ -305,6 +335,7 @@ pub fn public(state: Arc<ApiState>) -> impl FnOnce(&mut web::ServiceConfig) {
             .route("/api/auth/challenge", web::post().to(auth::post_challenge))
             .route("/api/auth", web::post().to(auth::post_auth))
             .route("/api/join", web::post().to(join::post_join))
+            .route("/api/openapi.json", web::get().to(openapi_json))
             .default_service(web::to(not_found));
     }
 }
