@@ -1,5 +1,6 @@
-//! Nothing lost: a child process writes a burst of ops (single ops, grouped batches, and late ops
-//! from a second origin that force refolds) and prints each op's seq once `submit` returned; the
+//! Nothing lost: a child process writes a burst of ops (single ops, grouped batches, very late
+//! ops from a second origin that force full refolds, slightly late ops from a third that replay
+//! from the checkpoint) and prints each op's seq once `submit` returned; the
 //! parent SIGKILLs it mid-burst, 20 times. After every kill the store reopens, every acknowledged
 //! op is present, and the stored state equals a fresh fold of the log (same rows, same hash).
 //!
@@ -32,9 +33,10 @@ fn acknowledged_ops_survive_sigkill() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("state.redb");
     let exe = std::env::current_exe().expect("test binary path");
-    let (a, b) = (key(1).public(), key(2).public());
+    let (a, b, c) = (key(1).public(), key(2).public(), key(3).public());
     let mut acked_a = 0u64;
     let mut acked_b = 0u64;
+    let mut acked_c = 0u64;
     let mut rng = 0x2545_f491_4f6c_dd1du64;
     for round in 0..20 {
         // Kill after a pseudo-random number of acknowledgements (xorshift, fixed seed).
@@ -68,7 +70,8 @@ fn acknowledged_ops_survive_sigkill() {
             let seq: u64 = words.next().and_then(|s| s.parse().ok()).expect("seq");
             match origin {
                 "A" => acked_a = acked_a.max(seq),
-                _ => acked_b = acked_b.max(seq),
+                "B" => acked_b = acked_b.max(seq),
+                _ => acked_c = acked_c.max(seq),
             }
             seen += 1;
             if seen >= kill_after {
@@ -83,7 +86,7 @@ fn acknowledged_ops_survive_sigkill() {
         child.0.wait().expect("reap");
 
         let (store, _report) = Store::open(&path).expect("reopen after SIGKILL");
-        for (origin, acked) in [(a, acked_a), (b, acked_b)] {
+        for (origin, acked) in [(a, acked_a), (b, acked_b), (c, acked_c)] {
             let head = store.heads().get(&origin).copied().unwrap_or(0);
             assert!(
                 head >= acked,
@@ -101,8 +104,8 @@ fn acknowledged_ops_survive_sigkill() {
         assert_eq!(folded, store.state_hash());
     }
     assert!(
-        acked_a > 20 && acked_b > 0,
-        "the bursts did write (a {acked_a}, b {acked_b})"
+        acked_a > 20 && acked_b > 0 && acked_c > 0,
+        "the bursts did write (a {acked_a}, b {acked_b}, c {acked_c})"
     );
 }
 
@@ -112,9 +115,10 @@ fn acknowledged_ops_survive_sigkill() {
 fn child_writer() {
     let dir = std::env::var(CHILD_ENV).expect("run by acknowledged_ops_survive_sigkill");
     let path = std::path::Path::new(&dir).join("state.redb");
-    let (anchor, other) = (key(1), key(2));
+    let (anchor, other, third) = (key(1), key(2), key(3));
     let (mut store, _) =
         Store::create(&path, anchor.public(), IpamConfig::default()).expect("store");
+    store.set_checkpoint_interval(16); // checkpoints move often during the burst
     let stdout = std::io::stdout();
     let pid = std::process::id();
     for i in 0u64.. {
@@ -144,6 +148,17 @@ fn child_writer() {
                 claim_block(seq as u32 % 8),
             );
             vec![store.submit(&op, now)]
+        } else if i % 5 == 2 {
+            // A slightly late op from a third origin: just behind the newest op, so the store
+            // replays from its checkpoint instead of refolding everything.
+            let seq = store.heads().get(&third.public()).copied().unwrap_or(0) + 1;
+            let newest = store.clock();
+            let hlc = Hlc {
+                wall_ms: newest.wall_ms.saturating_sub(1),
+                logical: 0,
+            };
+            let op = sealed(&third, seq, hlc, claim_block(8 + seq as u32 % 8));
+            vec![store.submit(&op, now)]
         } else {
             let body = create(NodeId::ROOT, &format!("s{pid}-{i}"), i % 2 == 0);
             vec![store.append_local(&anchor, anchor.public(), body, None, now)]
@@ -152,7 +167,13 @@ fn child_writer() {
         for r in results {
             match r.expect("op accepted") {
                 lemonade_nexus::store::Submitted::Appended { origin, seq, .. } => {
-                    let who = if origin == anchor.public() { "A" } else { "B" };
+                    let who = if origin == anchor.public() {
+                        "A"
+                    } else if origin == other.public() {
+                        "B"
+                    } else {
+                        "C"
+                    };
                     writeln!(out, "ACK {who} {seq}").expect("stdout");
                 }
                 other => panic!("unexpected {other:?}"),
