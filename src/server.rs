@@ -277,8 +277,7 @@ fn open_state(cfg: &Config, args: &ServeArgs) -> Result<(Identity, Store, bool)>
     let master = MasterKey::load_or_create(&cfg.master_key_file, &SystemRandom::new())?;
     let (id, _) = Identity::load_or_create(&cfg.data_dir, &master, &SystemRandom::new())?;
     let path = store::db_path(&cfg.data_dir);
-    let fresh = !path.exists();
-    let mut store = if fresh {
+    let mut store = if !path.exists() {
         let root = args.root.unwrap_or(id.node.public());
         let ipam = cfg
             .ipam_config()
@@ -294,6 +293,8 @@ fn open_state(cfg: &Config, args: &ServeArgs) -> Result<(Identity, Store, bool)>
         }
         store
     };
+    // Genesis: no op in the log yet (a new data directory, or one prepared by `init`).
+    let fresh = store.op_count()? == 0;
     let me = id.node.public();
     let name = args
         .server_name

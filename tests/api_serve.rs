@@ -55,6 +55,25 @@ fn start(dir: &std::path::Path, extra: &[&str]) -> (Proc, JoinUrl) {
     (proc, JoinUrl::parse(&url).expect("join URL"))
 }
 
+/// Sends SIGTERM and waits for a clean exit (at most 15 s).
+fn stop(server: &mut Proc) {
+    // SAFETY: kill takes a pid and a signal number; the pid is our own live child.
+    let rc = unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = server.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "serve did not stop within 15 s of SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "serve exited with {status}");
+}
+
 #[test]
 fn genesis_admin_health_over_pinned_https_and_sigterm() {
     let dir = tempfile::tempdir().expect("tmp");
@@ -78,21 +97,7 @@ fn genesis_admin_health_over_pinned_https_and_sigterm() {
     assert_eq!(health["dataplane"]["backend"], "none");
 
     // SIGTERM: a clean, prompt exit.
-    // SAFETY: kill takes a pid and a signal number; the pid is our own live child.
-    let rc = unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
-    assert_eq!(rc, 0);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = server.0.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "serve did not stop within 15 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "serve exited with {status}");
+    stop(&mut server);
 
     // The administrator was written at genesis.
     let tree = cmd(dir.path())
@@ -116,4 +121,31 @@ fn genesis_admin_health_over_pinned_https_and_sigterm() {
     // The same admin key again is fine (idempotent), and the certificate pin is kept.
     let (_again, url2) = start(dir.path(), &["--admin-key", &admin]);
     assert_eq!(url2.pin, url.pin);
+}
+
+/// A data directory prepared with `init` has an empty log: the first `serve` is still genesis
+/// and may name the administrator.
+#[test]
+fn serve_after_init_is_still_genesis() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let init = cmd(dir.path()).arg("init").output().expect("init");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let admin = NodeKey::from_seed(&[13; 32]).public().to_string();
+    let (mut server, url) = start(dir.path(), &["--admin-key", &admin]);
+    assert_eq!(url.host, "127.0.0.1");
+    stop(&mut server);
+    let tree = cmd(dir.path())
+        .args(["tree", "show", "--json"])
+        .output()
+        .expect("tree show");
+    assert!(
+        String::from_utf8_lossy(&tree.stdout).contains(&admin),
+        "{} {}",
+        String::from_utf8_lossy(&tree.stdout),
+        String::from_utf8_lossy(&tree.stderr)
+    );
 }
