@@ -188,8 +188,16 @@ fn init(cfg: &Config, args: InitArgs, out: &mut dyn std::io::Write) -> Result<()
         .ipam_config()
         .map_err(|e| anyhow::anyhow!("overlay configuration: {e}"))?;
     let path = store::db_path(&cfg.data_dir);
-    let (store, report) = Store::create(&path, root, ipam)
+    let (store, report) = Store::create(&path, root, ipam.clone())
         .with_context(|| format!("state store {}", path.display()))?;
+    // The overlay is fixed when the cluster is created: a different configuration now is ignored,
+    // and the operator should know.
+    if store.state().ipam().config() != &ipam {
+        writeln!(
+            out,
+            "note: this cluster's address plan was fixed at creation and differs from the configured overlay/grace options, which are ignored"
+        )?;
+    }
     writeln!(out, "data directory: {}", cfg.data_dir.display())?;
     writeln!(
         out,

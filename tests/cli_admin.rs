@@ -170,6 +170,14 @@ fn overlay_prefixes_from_the_config_reach_the_ipam() {
     ok(&o);
     let ij = json(&run(&e, &["ipam", "show", "--json"]));
     assert_eq!(ij["config"]["tunnel_v4"], "10.20.0.0/16");
+    // Changing the overlay later does not change the cluster's plan, and init says so.
+    let again = ok(&run(&e, &["init"]));
+    assert!(
+        again.contains("address plan was fixed at creation"),
+        "{again}"
+    );
+    let ij = json(&run(&e, &["ipam", "show", "--json"]));
+    assert_eq!(ij["config"]["tunnel_v4"], "10.20.0.0/16");
 }
 
 #[test]
