@@ -97,8 +97,20 @@ fn in_netns(backend: &str) -> i32 {
         .arg(exe)
         .args(["--backend", backend])
         .env("LN_BENCH_INSIDE", "1")
+        .env("LN_BENCH_OUTER_PID", std::process::id().to_string())
         .status()
         .expect("ip netns exec");
+    // A measurement that failed half-way may leave a wireguard-go daemon (ours) in the
+    // namespace; it would keep the namespace alive after `ip netns del`. Stop what is left.
+    let pids = Command::new("ip").args(["netns", "pids", &ns]).output();
+    for pid in pids
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+        .split_whitespace()
+    {
+        let _ = Command::new("kill").arg(pid).status();
+    }
+    let _ = std::fs::remove_file(format!("/var/run/wireguard/lnb{}.sock", std::process::id()));
     let _ = Command::new("ip").args(["netns", "del", &ns]).status();
     status.code().unwrap_or(1)
 }
@@ -274,7 +286,11 @@ fn measure_all<F: Flavor>(flavor: &F) -> Vec<Row> {
 
 async fn measure<F: Flavor>(flavor: &F, n: usize) -> Row {
     let b = flavor.make().await;
-    let ifname = format!("lnb{}", std::process::id());
+    // Named after the outer process, which removes the socket if this one dies half-way.
+    let ifname = format!(
+        "lnb{}",
+        std::env::var("LN_BENCH_OUTER_PID").unwrap_or_default()
+    );
     let cfg = config(n);
     let repeats = if std::env::var_os("LEMONADE_BENCH_QUICK").is_some() {
         5
