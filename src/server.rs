@@ -101,6 +101,15 @@ pub struct ServeArgs {
     /// Hostname of this server's node in the tree (a DNS label). Default: server-<key hash>.
     #[arg(long, value_name = "NAME", env = "LEMONADE_NEXUS_SERVER_NAME")]
     pub server_name: Option<String>,
+    /// Requests per second allowed from one client address on the public API (bursts of twice
+    /// that); 0 disables the limit.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 20,
+        env = "LEMONADE_NEXUS_RATE_LIMIT"
+    )]
+    pub rate_limit: u32,
     /// Run the API without any WireGuard device (testing the API alone; joins are recorded but
     /// no peer is programmed).
     #[arg(long)]
@@ -439,6 +448,9 @@ pub fn serve(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write) -> Res
 }
 
 async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write) -> Result<()> {
+    // Signal handlers first: a SIGTERM that arrives once the summary is printed must stop us
+    // gracefully, not kill us.
+    let mut signals = Signals::install()?;
     let (id, store, fresh) = open_state(cfg, &args)?;
     let ipam = store.state().ipam().config().clone();
     let api_addr = cfg.listen.api;
@@ -486,13 +498,10 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
         private_api_port: cfg.listen.private_api_port,
         tls_pin: Some(cert.pin),
     };
-    let state = Arc::new(ApiState::new(
-        id.node,
-        store,
-        settings,
-        dataplane.clone(),
-        peers,
-    ));
+    let state = Arc::new(
+        ApiState::new(id.node, store, settings, dataplane.clone(), peers)
+            .with_rate_limit(args.rate_limit, args.rate_limit.saturating_mul(2)),
+    );
 
     // The device first (converges after a crash), then the API.
     let plane = match (plane, worker) {
@@ -575,28 +584,67 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
         Some((p, w)) => {
             tokio::select! {
                 _ = reconcile_loop(p, state.clone(), w) => {}
-                r = wait_for_shutdown() => r?,
+                _ = signals.recv() => {}
             }
         }
-        None => wait_for_shutdown().await?,
+        None => signals.recv().await,
     }
     tracing::info!("shutting down: API stops, the WireGuard device stays up");
     handle.stop(true).await;
-    match http_thread.join() {
+    let served = match http_thread.join() {
         Ok(r) => r,
         Err(_) => bail!("the API thread panicked"),
+    };
+    close_store(state).await;
+    served
+}
+
+/// Drops the last reference to the API state, which closes the store cleanly. The API's worker
+/// threads may still be dropping their copies after the server stopped; exiting before they do
+/// would leave the database to be recovered on the next open.
+async fn close_store(mut state: Arc<ApiState>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match Arc::try_unwrap(state) {
+            Ok(s) => {
+                drop(s);
+                return;
+            }
+            Err(shared) if tokio::time::Instant::now() < deadline => {
+                state = shared;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "API workers still hold the store at exit; it will be recovered on the next start"
+                );
+                return;
+            }
+        }
     }
 }
 
-async fn wait_for_shutdown() -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGINT and SIGTERM, installed at start.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
 
 #[cfg(test)]

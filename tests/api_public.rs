@@ -23,6 +23,10 @@ const SERVER_SEED: [u8; 32] = [1; 32];
 
 /// A genesis server's API state in `dir`.
 fn api_state(dir: &std::path::Path, registration: Registration) -> Arc<ApiState> {
+    Arc::new(build_state(dir, registration))
+}
+
+fn build_state(dir: &std::path::Path, registration: Registration) -> ApiState {
     let server = NodeKey::from_seed(&SERVER_SEED);
     let (mut store, _) = Store::create(
         &dir.join("state.redb"),
@@ -55,7 +59,7 @@ fn api_state(dir: &std::path::Path, registration: Registration) -> Arc<ApiState>
         fallback_reason: None,
         interface: None,
     };
-    Arc::new(ApiState::new(server, store, settings, dataplane, None))
+    ApiState::new(server, store, settings, dataplane, None)
 }
 
 macro_rules! app {
@@ -606,4 +610,40 @@ async fn the_committed_openapi_document_matches_the_code_and_is_served() {
     assert_eq!(resp.status(), StatusCode::OK);
     let body = test::read_body(resp).await;
     assert_eq!(body, generated.as_bytes());
+}
+
+#[actix_web::test]
+async fn each_client_address_is_rate_limited_with_a_json_429() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = Arc::new(build_state(dir.path(), Registration::Open).with_rate_limit(1, 2));
+    let app = app!(state);
+    let a: std::net::SocketAddr = "192.0.2.1:40000".parse().expect("a");
+    let b: std::net::SocketAddr = "192.0.2.2:40000".parse().expect("b");
+    let get = |peer| {
+        test::TestRequest::get()
+            .uri("/api/health")
+            .peer_addr(peer)
+            .to_request()
+    };
+    for _ in 0..2 {
+        assert_eq!(
+            test::call_service(&app, get(a)).await.status(),
+            StatusCode::OK
+        );
+    }
+    let resp = test::call_service(&app, get(a)).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let v: Value = test::read_body_json(resp).await;
+    assert_eq!(error_code(&v), "rate_limited");
+    // Unknown routes count too, and another address is unaffected.
+    let resp = test::call_service(
+        &app,
+        test::TestRequest::get().uri("/x").peer_addr(a).to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        test::call_service(&app, get(b)).await.status(),
+        StatusCode::OK
+    );
 }

@@ -104,7 +104,11 @@ fn genesis_admin_health_over_pinned_https_and_sigterm() {
         .args(["tree", "show", "--json"])
         .output()
         .expect("tree show");
-    assert!(tree.status.success());
+    assert!(
+        tree.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tree.stderr)
+    );
     let text = String::from_utf8_lossy(&tree.stdout);
     assert!(text.contains(&admin), "admin grant in the tree: {text}");
 

@@ -16,6 +16,7 @@ pub mod auth;
 pub mod client;
 pub mod health;
 pub mod join;
+pub mod ratelimit;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -207,6 +208,8 @@ pub struct ApiState {
     /// `None` when no dataplane runs (API-only tests).
     pub peers: Option<PeerSync>,
     pub clock: Clock,
+    /// Requests per client address (unlimited unless set with [`ApiState::with_rate_limit`]).
+    pub limiter: ratelimit::Limiter,
     /// The cluster's trust anchor (fixed for the store's life; kept here so no route needs the
     /// store lock just to name the cluster).
     pub root: crate::keys::PublicKey,
@@ -234,9 +237,16 @@ impl ApiState {
             dataplane,
             peers,
             clock: Clock::default(),
+            limiter: ratelimit::Limiter::unlimited(),
             state_hash: Mutex::new(hash),
             rng: SystemRandom::new(),
         }
+    }
+
+    /// Limits every client address to `per_sec` requests per second (bursts of `burst`).
+    pub fn with_rate_limit(mut self, per_sec: u32, burst: u32) -> Self {
+        self.limiter = ratelimit::Limiter::new(per_sec, burst);
+        self
     }
 
     /// The state hash as of the last append.
@@ -331,11 +341,16 @@ pub fn public(state: Arc<ApiState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         cfg.app_data(web::Data::from(state))
             .app_data(json_config())
-            .route("/api/health", web::get().to(health::get))
-            .route("/api/auth/challenge", web::post().to(auth::post_challenge))
-            .route("/api/auth", web::post().to(auth::post_auth))
-            .route("/api/join", web::post().to(join::post_join))
-            .route("/api/openapi.json", web::get().to(openapi_json))
-            .default_service(web::to(not_found));
+            .service(
+                // One scope so every route, the unknown ones too, passes the rate limiter.
+                web::scope("")
+                    .wrap(actix_web::middleware::from_fn(ratelimit::limit))
+                    .route("/api/health", web::get().to(health::get))
+                    .route("/api/auth/challenge", web::post().to(auth::post_challenge))
+                    .route("/api/auth", web::post().to(auth::post_auth))
+                    .route("/api/join", web::post().to(join::post_join))
+                    .route("/api/openapi.json", web::get().to(openapi_json))
+                    .default_service(web::to(not_found)),
+            );
     }
 }
