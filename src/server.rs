@@ -539,7 +539,16 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
                     Ok(())
                 })
             })?;
-    let handle = handle_rx.recv().context("the API server failed to start")?;
+    let handle = match handle_rx.recv() {
+        Ok(h) => h,
+        // The thread ended before the server ran: its error says why.
+        Err(_) => {
+            return match http_thread.join() {
+                Ok(Err(e)) => Err(e.context("the public API failed to start")),
+                _ => Err(anyhow::anyhow!("the public API failed to start")),
+            };
+        }
+    };
 
     let host = public_host.unwrap_or_else(|| "<this-host>".into());
     let url = JoinUrl {

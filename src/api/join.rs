@@ -443,7 +443,7 @@ fn join_in_store(state: &ApiState, req: &JoinRequest) -> Result<Joined, ApiError
                 Err(e) => return Err(ApiError::internal(e)),
             }
         }
-        state.refresh_hash(&store);
+        state.state_changed();
     }
     let ipam = store.state().ipam();
     let address = ipam

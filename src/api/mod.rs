@@ -213,8 +213,9 @@ pub struct ApiState {
     /// The cluster's trust anchor (fixed for the store's life; kept here so no route needs the
     /// store lock just to name the cluster).
     pub root: crate::keys::PublicKey,
-    /// The state hash, refreshed after every append (computing it walks the whole state).
-    state_hash: Mutex<[u8; 32]>,
+    /// The state hash, computed when asked after a change (computing it encodes the whole
+    /// state, so joins only mark it stale: `None`).
+    state_hash: Mutex<Option<[u8; 32]>>,
     rng: SystemRandom,
 }
 
@@ -238,7 +239,7 @@ impl ApiState {
             peers,
             clock: Clock::default(),
             limiter: ratelimit::Limiter::unlimited(),
-            state_hash: Mutex::new(hash),
+            state_hash: Mutex::new(Some(hash)),
             rng: SystemRandom::new(),
         }
     }
@@ -249,13 +250,24 @@ impl ApiState {
         self
     }
 
-    /// The state hash as of the last append.
+    /// The current state hash (recomputed if the state changed since it was last asked).
     pub fn state_hash(&self) -> [u8; 32] {
-        *self.state_hash.lock().unwrap_or_else(|p| p.into_inner())
+        let cached = *self.state_hash.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = cached {
+            return h;
+        }
+        // Computed outside the cache lock; a join racing with us only marks it stale again.
+        let h = self.lock_store().state_hash();
+        let mut c = self.state_hash.lock().unwrap_or_else(|p| p.into_inner());
+        if c.is_none() {
+            *c = Some(h);
+        }
+        h
     }
 
-    fn refresh_hash(&self, store: &Store) {
-        *self.state_hash.lock().unwrap_or_else(|p| p.into_inner()) = store.state_hash();
+    /// Marks the cached hash stale (after an append).
+    fn state_changed(&self) {
+        *self.state_hash.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     fn random<const N: usize>(&self) -> Result<[u8; N], ApiError> {

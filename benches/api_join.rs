@@ -1,0 +1,205 @@
+//! Join throughput and latency through the public API's handlers (issue 4), beside the
+//! `GET /api/health` throughput measured in the same run as the in-run reference.
+//!
+//! * `api/health`: one `GET /api/health` through the actix service (routing, rate-limit
+//!   middleware, JSON).
+//! * `api/join64`: 64 joins in flight at once (64 clients, each with a fresh key and a proof for a
+//!   fresh challenge obtained before the timing), through the real handlers: proof check, join
+//!   plan, one redb commit per join (`Durability::Immediate`), token. Throughput is joins/s; the
+//!   per-join latencies of every measured batch are collected and their p50/p99 printed at the end.
+//!
+//! Not included yet (so this is NOT the issue's full figure): TLS, TCP, and WireGuard peer
+//! programming (the service runs without a dataplane). The state grows by 64 devices per batch,
+//! so late batches pay for a larger tree (join scans it for the device's key).
+//!
+//! Run: `cargo bench --bench api_join` (add `-- --quick` for a short run).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::{App, test};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use lemonade_nexus::api::auth::{ChallengeResponse, make_proof};
+use lemonade_nexus::api::join::Registration;
+use lemonade_nexus::api::{self, ApiState, DataplaneInfo, Settings};
+use lemonade_nexus::identity::NodeKey;
+use lemonade_nexus::ipam::IpamConfig;
+use lemonade_nexus::server::genesis_ops;
+use lemonade_nexus::store::Store;
+use serde_json::json;
+
+const CLIENTS: usize = 64;
+
+fn state(dir: &std::path::Path) -> Arc<ApiState> {
+    let server = NodeKey::from_seed(&[1; 32]);
+    let (mut store, _) = Store::create(
+        &dir.join("state.redb"),
+        server.public(),
+        IpamConfig::default(),
+    )
+    .expect("store");
+    let ops =
+        genesis_ops(store.state(), &server.public(), [5; 32], "srv", None, true).expect("genesis");
+    let batch = ops
+        .into_iter()
+        .map(|b| (server.public(), b, None))
+        .collect();
+    for r in store
+        .append_local_batch(&server, batch, 1_000)
+        .expect("append")
+    {
+        r.expect("genesis op");
+    }
+    let settings = Settings {
+        registration: Registration::Open,
+        wg_public_key: [5; 32],
+        wg_port: 51940,
+        public_host: Some("203.0.113.7".into()),
+        private_api_port: 9101,
+        tls_pin: None,
+    };
+    let dp = DataplaneInfo {
+        backend: "none".into(),
+        fallback_reason: None,
+        interface: None,
+    };
+    Arc::new(ApiState::new(server, store, settings, dp, None))
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+}
+
+fn key(n: u64) -> NodeKey {
+    let mut seed = [7u8; 32];
+    seed[..8].copy_from_slice(&n.to_le_bytes());
+    NodeKey::from_seed(&seed)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied().unwrap_or_default()
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let st = state(dir.path());
+    let sys = actix_web::rt::System::new();
+    let app = sys.block_on(test::init_service(
+        App::new().configure(api::public(st.clone())),
+    ));
+    let mut g = c.benchmark_group("api");
+
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("health", |b| {
+        b.iter(|| {
+            sys.block_on(async {
+                let req = test::TestRequest::get().uri("/api/health").to_request();
+                let resp = test::call_service(&app, req).await;
+                assert!(resp.status().is_success());
+            })
+        })
+    });
+
+    let latencies = Mutex::new(Vec::<Duration>::new());
+    let mut next_key = 0u64;
+    g.throughput(Throughput::Elements(CLIENTS as u64));
+    g.sample_size(10);
+    g.bench_function("join64", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                // Untimed: 64 fresh keys, each with a proof for its own fresh challenge.
+                let bodies: Vec<_> = (0..CLIENTS)
+                    .map(|_| {
+                        next_key += 1;
+                        let k = key(next_key);
+                        let c: ChallengeResponse = sys.block_on(async {
+                            let req = test::TestRequest::post()
+                                .uri("/api/auth/challenge")
+                                .set_json(json!({ "pubkey": k.public().to_string() }))
+                                .to_request();
+                            test::call_and_read_body_json(&app, req).await
+                        });
+                        let server = c.server_key.parse().expect("server key");
+                        let proof =
+                            make_proof(k.pair(), &c.challenge().expect("c"), server, now_ms());
+                        let mut wg = [0u8; 32];
+                        wg[..8].copy_from_slice(&next_key.to_le_bytes());
+                        wg[8] = 0xee;
+                        json!({ "proof": proof, "wg_pubkey": STANDARD.encode(wg) })
+                    })
+                    .collect();
+                let start = Instant::now();
+                let lat = sys.block_on(async {
+                    let joins = bodies.into_iter().map(|body| {
+                        let app = &app;
+                        async move {
+                            let t = Instant::now();
+                            let req = test::TestRequest::post()
+                                .uri("/api/join")
+                                .set_json(body)
+                                .to_request();
+                            let resp = test::call_service(app, req).await;
+                            assert!(resp.status().is_success(), "{}", resp.status());
+                            t.elapsed()
+                        }
+                    });
+                    futures_join_all(joins).await
+                });
+                total += start.elapsed();
+                latencies.lock().expect("lock").extend(lat);
+            }
+            total
+        })
+    });
+    g.finish();
+
+    let mut l = latencies.into_inner().expect("lock");
+    l.sort();
+    if !l.is_empty() {
+        println!(
+            "api/join64 latency over {} joins: p50 {:.2} ms, p99 {:.2} ms",
+            l.len(),
+            percentile(&l, 0.50).as_secs_f64() * 1e3,
+            percentile(&l, 0.99).as_secs_f64() * 1e3
+        );
+    }
+}
+
+/// Runs the futures concurrently on the current task (no extra dependency).
+async fn futures_join_all<F: std::future::Future<Output = Duration>>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<Duration> {
+    let mut set = Vec::new();
+    for f in futs {
+        set.push(Box::pin(f));
+    }
+    let mut out = vec![None; set.len()];
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, f) in set.iter_mut().enumerate() {
+            if out[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => out[i] = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter().flatten().collect()
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
