@@ -215,6 +215,16 @@ def parse_encode_sizes(log: str) -> Optional[dict]:
     return {"rows": rows} if rows else None
 
 
+def parse_join_latency(log: str) -> Optional[dict]:
+    """api_join prints `api/join64 latency over 2560 joins: p50 1.23 ms, p99 4.56 ms`."""
+    import re
+
+    m = re.search(r"latency over (\d+) joins: p50 ([\d.]+) ms, p99 ([\d.]+) ms", log)
+    if not m:
+        return None
+    return {"joins": int(m.group(1)), "p50_ms": float(m.group(2)), "p99_ms": float(m.group(3))}
+
+
 # ----------------------------------------------------------------------------- the benchmarks
 
 PEER_NS = (1_000, 10_000, 50_000)
@@ -478,38 +488,43 @@ BENCHMARKS: list[Bench] = [
         quick_env={"LEMONADE_BENCH_QUICK": "1"},
     ),
     Bench(
-        id="join_load",
+        id="api_join",
         title="Joins: 64 concurrent clients against one server",
         issue=4,
-        kind="main",
-        root_only=True,
         description=(
-            "Joins per second and join latency with 64 concurrent clients against one server (the "
-            "full server path, including WireGuard peer programming), against GET /api/health "
-            "throughput in the same run. Goal on 2 cores: ≥ 1,000 joins/s, p99 < 50 ms."
+            "Joins per second and join latency with 64 joins in flight against one server, through "
+            "the real API handlers (proof check, join plan, one redb commit per join, token), "
+            "against GET /api/health throughput in the same run. Goal on 2 cores: ≥ 1,000 joins/s, "
+            "p99 < 50 ms. Not yet the issue's full path: no TLS, no TCP, no WireGuard peer "
+            "programming (the benchmark's service runs without a dataplane)."
         ),
         figures=[
             Figure(
-                id="join_load.joins_per_s",
-                label="Joins per second (64 concurrent clients)",
+                id="api_join.joins_per_s",
+                label="Joins per second (64 in flight)",
                 unit="joins/s",
                 better="higher",
-                source=summary("join_load", "joins_per_s"),
-                reference=Reference("GET /api/health", summary("join_load", "health_per_s"), "requests/s"),
+                source=crit_rate("api/join64"),
+                reference=Reference("GET /api/health", crit_rate("api/health"), "requests/s"),
                 goal=Goal("value", ">=", 1000, "≥ 1,000 joins/s"),
-                ratio_label="of /api/health throughput",
+                ratio_label="of the /api/health request rate",
+                note="Handlers only: no TLS, TCP or WireGuard programming yet.",
             ),
             Figure(
-                id="join_load.p99_ms",
-                label="Join latency p99",
+                id="api_join.p99_ms",
+                label="Join latency p99 (64 in flight)",
                 unit="ms",
                 better="lower",
-                source=summary("join_load", "p99_ms"),
-                reference=Reference("join latency p50", summary("join_load", "p50_ms"), "ms"),
+                source=summary("api_join", "p99_ms"),
+                reference=Reference("join latency p50", summary("api_join", "p50_ms"), "ms"),
                 goal=Goal("value", "<", 50, "p99 < 50 ms"),
                 ratio_label="of the p50 latency",
+                note="Over every join of every measured batch.",
             ),
         ],
+        quick_args=CRITERION_QUICK,
+        full_args=CRITERION_FULL,
+        parse_log=parse_join_latency,
     ),
     Bench(
         id="gossip_convergence",

@@ -308,7 +308,7 @@ def test_summary_rows_and_unmeasured_benchmarks(tmp: Path) -> None:
     rec = run.bench_record(bench_spec("netlink_setconf"), "measured", F.Raw(summaries=summaries))
     fig = next(f for f in rec["figures"] if f["id"] == "netlink_setconf.userspace_program.n1000")
     assert fig["value"] == 9.0 and fig["ratio"] == 0.75 and fig["goal_met"] is True and fig["n"] == 1000
-    missing = run.bench_record(bench_spec("join_load"), "not_yet_measured", None, "does not exist yet")
+    missing = run.bench_record(bench_spec("gossip_convergence"), "not_yet_measured", None, "does not exist yet")
     assert missing["status"] == "not_yet_measured"
     assert all(f["value"] is None and f["goal_met"] is None for f in missing["figures"])
     # A benchmark that ran but produced nothing the mapping knows is a failure, never "measured".
