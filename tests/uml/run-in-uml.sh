@@ -24,7 +24,7 @@
 # Env overrides: UML_LINUX (kernel binary, default /usr/bin/linux.uml),
 # UML_MODROOT (dir containing lib/modules/<ver>/ with the extra wireguard
 # modules + depmod output; default: $UML_CACHE/modroot, built by setup.sh),
-# UML_CACHE (setup.sh's output dir, default <repo>/target/uml).
+# UML_CACHE (setup.sh's output dir, default /var/cache/lemonade-nexus/uml: outside the checkout, so a fresh clone on the same machine reuses the 7-minute kernel build).
 #
 # Adapted from shared/reference/uml/run-in-uml.sh: the module root lives in the repository's
 # target dir, and it is checked against the installed user-mode-linux package before booting
@@ -34,7 +34,7 @@ set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-CACHE=${UML_CACHE:-$REPO/target/uml}   # where setup.sh put its results
+CACHE=${UML_CACHE:-/var/cache/lemonade-nexus/uml}   # where setup.sh put its results
 UML_MODROOT=${UML_MODROOT:-$CACHE/modroot}
 NO_MODULES=0
 if [ -z "${UML_LINUX:-}" ]; then

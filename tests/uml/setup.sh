@@ -4,13 +4,13 @@
 #
 # Route A (default): Debian's `user-mode-linux` kernel (6.1, built WITHOUT WireGuard) +
 #   wireguard.ko and the two lib/crypto modules it needs, built from EXACTLY the kernel source the
-#   UML binary was built from. The modules land in target/uml/modroot, which run-in-uml.sh loads
+#   UML binary was built from. The modules land in /var/cache/lemonade-nexus/uml/modroot, which run-in-uml.sh loads
 #   with `modprobe -d`. About 30 s plus a 138 MB download.
 # Route B (only where Debian's binary cannot run): Debian's UML 6.1 binary hard-codes a 2696-byte
 #   XSAVE buffer, and the host kernel demands the CPU's exact XSAVE size for ptrace; CPUs with AMX
 #   have 11008 bytes, and the binary dies at its first process ("ptrace set fp regs failed, errno
 #   = 14"). There, build-kernel.sh builds a small UML kernel with WireGuard built in, patched for
-#   this CPU's size, into target/uml/linux-wg. About 7 minutes on 2 idle cores.
+#   this CPU's size, into /var/cache/lemonade-nexus/uml/linux-wg. About 7 minutes on 2 idle cores.
 #
 # Each result is cached with a key (package versions, the scripts' text, the XSAVE size) and not
 # rebuilt while the key matches.
@@ -20,7 +20,7 @@
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
-CACHE=${UML_CACHE:-$REPO/target/uml}
+CACHE=${UML_CACHE:-/var/cache/lemonade-nexus/uml}
 MODROOT=$CACHE/modroot
 WORK=$CACHE/build
 
@@ -51,7 +51,8 @@ D="$MODROOT/lib/modules/$UMLREL"
 XSIZE=$("$HERE/xsave-size.sh")
 if [ "$XSIZE" != 2696 ]; then
     # Route B: Debian's binary cannot run on this CPU (see the top of this file).
-    KKEY="src=$SRCVER xsave=$XSIZE script=$(cat "$HERE/build-kernel.sh" "$0" | sha256sum | cut -c1-16)"
+    # Keyed on the kernel recipe only (not this script), so editing setup.sh does not cost a rebuild.
+    KKEY="src=$SRCVER xsave=$XSIZE recipe=$(cat "$HERE/build-kernel.sh" "$HERE/xsave-size.sh" | sha256sum | cut -c1-16)"
     if [ -x "$CACHE/linux-wg" ] && [ "$(cat "$CACHE/linux-wg.key" 2>/dev/null)" = "$KKEY" ]; then
         echo "tests/uml/setup.sh: patched UML kernel up to date ($KKEY)"
         exit 0
