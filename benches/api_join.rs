@@ -58,6 +58,7 @@ fn state(dir: &std::path::Path) -> Arc<ApiState> {
         wg_port: 51940,
         public_host: Some("203.0.113.7".into()),
         private_api_port: 9101,
+        api_port: 9100,
         tls_pin: None,
     };
     let dp = DataplaneInfo {

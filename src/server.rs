@@ -490,12 +490,16 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
         }
         None => (None, None),
     };
+    let listener = TcpListener::bind(api_addr)
+        .with_context(|| format!("cannot listen on {api_addr} (public API)"))?;
+    let bound = listener.local_addr()?;
     let settings = Settings {
         registration: args.registration,
         wg_public_key: id.wireguard.public(),
         wg_port: cfg.listen.wg_client_port,
         public_host: public_host.clone(),
         private_api_port: cfg.listen.private_api_port,
+        api_port: bound.port(),
         tls_pin: Some(cert.pin),
     };
     let state = Arc::new(
@@ -514,9 +518,6 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
         _ => None,
     };
 
-    let listener = TcpListener::bind(api_addr)
-        .with_context(|| format!("cannot listen on {api_addr} (public API)"))?;
-    let bound = listener.local_addr()?;
     let tls_cfg = tls::server_config(&cert)?;
     let (handle_tx, handle_rx) = std::sync::mpsc::channel();
     let api_state = state.clone();

@@ -52,6 +52,7 @@ fn build_state(dir: &std::path::Path, registration: Registration) -> ApiState {
         wg_port: 51940,
         public_host: Some("203.0.113.7".into()),
         private_api_port: 9101,
+        api_port: 9100,
         tls_pin: None,
     };
     let dataplane = DataplaneInfo {
@@ -462,6 +463,7 @@ async fn closed_registration_refuses_new_devices_but_not_enrolled_ones() {
             wg_port: 51940,
             public_host: None,
             private_api_port: 9101,
+            api_port: 9100,
             tls_pin: None,
         };
         let dp = DataplaneInfo {
@@ -646,4 +648,24 @@ async fn each_client_address_is_rate_limited_with_a_json_429() {
         test::call_service(&app, get(b)).await.status(),
         StatusCode::OK
     );
+}
+
+#[actix_web::test]
+async fn servers_lists_this_server_first_with_its_api_endpoint() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = api_state(dir.path(), Registration::Open);
+    let app = app!(state);
+    let resp = test::call_service(
+        &app,
+        test::TestRequest::get().uri("/api/servers").to_request(),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value = test::read_body_json(resp).await;
+    let list = v.as_array().expect("a list");
+    assert_eq!(list.len(), 1, "{v}");
+    assert_eq!(list[0]["is_self"], true);
+    assert_eq!(list[0]["server_key"], state.server.public().to_string());
+    assert_eq!(list[0]["api_endpoint"], "203.0.113.7:9100");
+    assert_eq!(list[0]["hostname"], "srv");
 }

@@ -378,7 +378,7 @@ impl From<JoinError> for ApiError {
 }
 
 /// The host part of a `Host` header value (`h`, `h:p`, `[v6]:p`).
-fn host_only(authority: &str) -> String {
+pub(super) fn host_only(authority: &str) -> String {
     if let Some(rest) = authority.strip_prefix('[') {
         return rest.split(']').next().unwrap_or_default().to_owned();
     }
@@ -388,7 +388,7 @@ fn host_only(authority: &str) -> String {
     }
 }
 
-fn endpoint(host: &str, port: u16) -> String {
+pub(super) fn endpoint(host: &str, port: u16) -> String {
     if host.contains(':') {
         format!("[{host}]:{port}")
     } else {

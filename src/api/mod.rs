@@ -3,6 +3,7 @@
 //! | route                      | module       | auth                                  |
 //! |----------------------------|--------------|---------------------------------------|
 //! | `GET  /api/health`         | [`health`]   | none                                  |
+//! | `GET  /api/servers`        | [`servers`]  | none                                  |
 //! | `POST /api/auth/challenge` | [`auth`]     | none (issues a single-use challenge)  |
 //! | `POST /api/auth`           | [`auth`]     | Ed25519 proof over a challenge        |
 //! | `POST /api/join`           | [`join`]     | the same proof, inline                |
@@ -17,6 +18,7 @@ pub mod client;
 pub mod health;
 pub mod join;
 pub mod ratelimit;
+pub mod servers;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -146,6 +148,8 @@ pub struct Settings {
     /// client used in its request.
     pub public_host: Option<String>,
     pub private_api_port: u16,
+    /// The port of this public API (what `/api/servers` advertises).
+    pub api_port: u16,
     /// The API certificate's pin (returned to clients so they keep pinning it).
     pub tls_pin: Option<Pin>,
 }
@@ -328,7 +332,13 @@ async fn not_found() -> Result<HttpResponse, ApiError> {
         title = "Lemonade Nexus public API",
         description = "Bootstrap API: health, Ed25519 proof-of-possession authentication, join. Errors are {\"error\": {\"code\", \"message\"}}."
     ),
-    paths(health::get, auth::post_challenge, auth::post_auth, join::post_join),
+    paths(
+        health::get,
+        servers::get,
+        auth::post_challenge,
+        auth::post_auth,
+        join::post_join
+    ),
     components(schemas(ErrorBody, ErrorDetail))
 )]
 pub struct PublicApiDoc;
@@ -358,6 +368,7 @@ pub fn public(state: Arc<ApiState>) -> impl FnOnce(&mut web::ServiceConfig) {
                 web::scope("")
                     .wrap(actix_web::middleware::from_fn(ratelimit::limit))
                     .route("/api/health", web::get().to(health::get))
+                    .route("/api/servers", web::get().to(servers::get))
                     .route("/api/auth/challenge", web::post().to(auth::post_challenge))
                     .route("/api/auth", web::post().to(auth::post_auth))
                     .route("/api/join", web::post().to(join::post_join))
