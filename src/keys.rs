@@ -37,7 +37,9 @@ impl std::str::FromStr for PublicKey {
     type Err = PublicKeyParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bytes = STANDARD.decode(s.trim()).map_err(|_| PublicKeyParseError)?;
-        Ok(PublicKey(bytes.try_into().map_err(|_| PublicKeyParseError)?))
+        Ok(PublicKey(
+            bytes.try_into().map_err(|_| PublicKeyParseError)?,
+        ))
     }
 }
 
@@ -56,7 +58,9 @@ impl<'de> Deserialize<'de> for PublicKey {
                 f.write_str("a 32-byte Ed25519 public key")
             }
             fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<PublicKey, E> {
-                let arr: [u8; 32] = v.try_into().map_err(|_| E::invalid_length(v.len(), &self))?;
+                let arr: [u8; 32] = v
+                    .try_into()
+                    .map_err(|_| E::invalid_length(v.len(), &self))?;
                 Ok(PublicKey(arr))
             }
         }

@@ -836,7 +836,10 @@ mod tests {
     #[test]
     fn errno_and_malformed_replies_are_errors() {
         let e = parse_set_reply(b"errno=-98\n\n").expect_err("wireguard-go's negative errno");
-        assert!(e.to_string().contains("errno=-98 (Address already in use"), "{e}");
+        assert!(
+            e.to_string().contains("errno=-98 (Address already in use"),
+            "{e}"
+        );
         assert!(matches!(parse_set_reply(b"errno=0\n\n"), Ok(())));
         assert!(matches!(
             parse_set_reply(b"errno=22\n\n"),
