@@ -63,6 +63,15 @@ fn nl_err(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RtnlError {
     move |source| RtnlError::Netlink { op, source }
 }
 
+/// `Ok(absent)` when the kernel answered that the link does not exist (`ENODEV`), else `err`.
+fn or_if_no_device<T>(err: RtnlError, absent: T) -> Result<T, RtnlError> {
+    if err.errno() == Some(libc::ENODEV) {
+        Ok(absent)
+    } else {
+        Err(err)
+    }
+}
+
 /// What a link looks like now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LinkInfo {
@@ -136,14 +145,7 @@ impl Rtnl {
         match links.try_next().await {
             Ok(Some(msg)) => Ok(Some(link_info(&msg))),
             Ok(None) => Ok(None),
-            Err(e) => {
-                let err = nl_err(format!("get link {name}"))(e);
-                if err.errno() == Some(libc::ENODEV) {
-                    Ok(None)
-                } else {
-                    Err(err)
-                }
-            }
+            Err(e) => or_if_no_device(nl_err(format!("get link {name}"))(e), None),
         }
     }
 
@@ -171,14 +173,7 @@ impl Rtnl {
         };
         match self.handle.link().del(link.index).execute().await {
             Ok(()) => Ok(()),
-            Err(e) => {
-                let err = nl_err(format!("delete link {name}"))(e);
-                if err.errno() == Some(libc::ENODEV) {
-                    Ok(())
-                } else {
-                    Err(err)
-                }
-            }
+            Err(e) => or_if_no_device(nl_err(format!("delete link {name}"))(e), ()),
         }
     }
 
@@ -197,17 +192,22 @@ impl Rtnl {
             .map_err(nl_err(format!("set link {index} up={up} mtu={mtu:?}")))
     }
 
-    /// The addresses of a link (IPv4 and IPv6), with their prefix lengths.
-    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>, RtnlError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
+    /// The kernel's address messages for link `index` (the filter is a hint; callers still
+    /// check `header.index`).
+    async fn address_messages(&self, index: u32) -> Result<Vec<AddressMessage>, RtnlError> {
+        self.handle
             .address()
             .get()
             .set_link_index_filter(index)
             .execute()
             .try_collect()
             .await
-            .map_err(nl_err(format!("list addresses of link {index}")))?;
+            .map_err(nl_err(format!("list addresses of link {index}")))
+    }
+
+    /// The addresses of a link (IPv4 and IPv6), with their prefix lengths.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNet>, RtnlError> {
+        let msgs = self.address_messages(index).await?;
         Ok(msgs
             .iter()
             .filter(|m| m.header.index == index)
@@ -225,15 +225,7 @@ impl Rtnl {
     }
 
     pub async fn del_address(&self, index: u32, addr: IpNet) -> Result<(), RtnlError> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl_err(format!("list addresses of link {index}")))?;
+        let msgs = self.address_messages(index).await?;
         for m in msgs {
             if m.header.index == index && address_of(&m) == Some(addr) {
                 self.handle
