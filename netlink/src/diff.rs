@@ -456,18 +456,7 @@ fn peer_index_or_insert(state: &mut DeviceState, key: &Key) -> usize {
     if let Some(i) = state.peers.iter().position(|p| p.config.public_key == *key) {
         return i;
     }
-    state.peers.push(PeerState {
-        config: PeerConfig {
-            public_key: *key,
-            preshared_key: None,
-            endpoint: None,
-            persistent_keepalive: None,
-            allowed_ips: Vec::new(),
-        },
-        last_handshake: None,
-        rx_bytes: 0,
-        tx_bytes: 0,
-    });
+    state.peers.push(PeerState::new(*key));
     state.peers.len() - 1
 }
 

@@ -77,6 +77,19 @@ pub struct PeerConfig {
     pub allowed_ips: Vec<IpNet>,
 }
 
+impl PeerConfig {
+    /// A peer with only its public key: no preshared key, endpoint, keepalive or prefixes.
+    pub fn new(public_key: Key) -> Self {
+        PeerConfig {
+            public_key,
+            preshared_key: None,
+            endpoint: None,
+            persistent_keepalive: None,
+            allowed_ips: Vec::new(),
+        }
+    }
+}
+
 /// The desired configuration of one WireGuard device.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct DeviceConfig {
@@ -93,6 +106,23 @@ pub struct PeerState {
     pub last_handshake: Option<SystemTime>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+}
+
+impl PeerState {
+    /// A peer seen for the first time: [`PeerConfig::new`], no handshake, no traffic.
+    pub fn new(public_key: Key) -> Self {
+        PeerState::from_config(PeerConfig::new(public_key))
+    }
+
+    /// A peer configured as `config` that has had no handshake and no traffic yet.
+    pub fn from_config(config: PeerConfig) -> Self {
+        PeerState {
+            config,
+            last_handshake: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+        }
+    }
 }
 
 /// A whole device as a dump reports it (peers merged by public key across dump parts).

@@ -37,12 +37,7 @@ pub fn state_from(config: &DeviceConfig) -> DeviceState {
         peers: config
             .peers
             .iter()
-            .map(|p| PeerState {
-                config: p.clone(),
-                last_handshake: None,
-                rx_bytes: 0,
-                tx_bytes: 0,
-            })
+            .map(|p| PeerState::from_config(p.clone()))
             .collect(),
     }
 }

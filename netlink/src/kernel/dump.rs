@@ -18,7 +18,7 @@ use netlink_packet_wireguard::{
     WireguardTimeSpec,
 };
 
-use crate::model::{DeviceState, IpNet, Key, PeerConfig, PeerState, PrivateKey};
+use crate::model::{DeviceState, IpNet, Key, PeerState, PrivateKey};
 
 /// A dump the decoder refuses.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -141,18 +141,7 @@ fn merge_peer(
         })
         .ok_or(DumpError::PeerWithoutKey)?;
     let idx = *index.entry(key).or_insert_with(|| {
-        state.peers.push(PeerState {
-            config: PeerConfig {
-                public_key: key,
-                preshared_key: None,
-                endpoint: None,
-                persistent_keepalive: None,
-                allowed_ips: Vec::new(),
-            },
-            last_handshake: None,
-            rx_bytes: 0,
-            tx_bytes: 0,
-        });
+        state.peers.push(PeerState::new(key));
         state.peers.len() - 1
     });
     let peer = &mut state.peers[idx];

@@ -11,7 +11,7 @@ use netlink_packet_wireguard::{
     WireguardDeviceFlags, WireguardMessage, WireguardPeerAttribute, WireguardPeerFlags,
 };
 
-use crate::model::{DeviceState, IpNet, Key, PeerConfig, PeerState, PrivateKey};
+use crate::model::{DeviceState, IpNet, Key, PeerState, PrivateKey};
 
 /// Decodes one serialized netlink message back into its wireguard payload.
 pub fn decode(bytes: &[u8]) -> Result<WireguardMessage, String> {
@@ -133,18 +133,7 @@ impl KernelDevice {
             Some(i) => i,
             None if flags.contains(WireguardPeerFlags::UpdateOnly) => return Ok(()),
             None => {
-                peers.push(PeerState {
-                    config: PeerConfig {
-                        public_key: key,
-                        preshared_key: None,
-                        endpoint: None,
-                        persistent_keepalive: None,
-                        allowed_ips: Vec::new(),
-                    },
-                    last_handshake: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
-                });
+                peers.push(PeerState::new(key));
                 peers.len() - 1
             }
         };

@@ -479,13 +479,7 @@ struct PeerBuilder {
 impl PeerBuilder {
     fn new(public_key: Key) -> Self {
         PeerBuilder {
-            config: PeerConfig {
-                public_key,
-                preshared_key: None,
-                endpoint: None,
-                persistent_keepalive: None,
-                allowed_ips: Vec::new(),
-            },
+            config: PeerConfig::new(public_key),
             handshake_sec: 0,
             handshake_nsec: 0,
             rx_bytes: 0,
@@ -958,25 +952,6 @@ mod tests {
             })
     }
 
-    fn state_of(cfg: &DeviceConfig) -> DeviceState {
-        DeviceState {
-            private_key: cfg.private_key.clone(),
-            public_key: None,
-            listen_port: cfg.listen_port.unwrap_or(0),
-            fwmark: cfg.fwmark.unwrap_or(0),
-            peers: cfg
-                .peers
-                .iter()
-                .map(|c| PeerState {
-                    config: c.clone(),
-                    last_handshake: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
-                })
-                .collect(),
-        }
-    }
-
     fn norm(p: &PeerConfig) -> PeerConfig {
         let mut p = p.clone();
         p.allowed_ips = crate::diff::canonical_allowed_ips(&p.allowed_ips);
@@ -992,7 +967,7 @@ mod tests {
                                     rx in any::<u64>(), tx in any::<u64>()) {
             let mut dev = DeviceState::default();
             apply_set(&mut dev, &encode_config(&cfg));
-            prop_assert_eq!(&dev, &state_of(&cfg));
+            prop_assert_eq!(&dev, &crate::testutil::state_from(&cfg));
             for p in &mut dev.peers {
                 p.last_handshake = hs.map(|s| UNIX_EPOCH + Duration::from_secs(s));
                 p.rx_bytes = rx;

@@ -13,7 +13,7 @@ use crate::{
         encode::{Budget, DEFAULT_BUDGET, MIN_BUDGET, PeerEntry, allowed_ip as ip_entry, pack},
         setmodel::canonical,
     },
-    model::DeviceConfig,
+    model::{DeviceConfig, PeerConfig},
     testutil::{arb_state, key, peer, state_from},
 };
 
