@@ -50,6 +50,13 @@ pub enum Command {
     /// Join a server as a client device: authenticate, enrol, program the local WireGuard
     /// interface. The URL is the one `serve` prints (it carries the server's certificate pin).
     Join(crate::api::client::JoinArgs),
+    /// Undo `join` on this device: remove its WireGuard interface (with its addresses and
+    /// routes) and the saved join answer. The identity is kept, so a later join gets the same
+    /// node and address.
+    Leave(crate::api::client::LeaveArgs),
+    /// This node's status: for a client, its server, addresses, handshake age, traffic and
+    /// backend; for a server, a table of client-plane peers.
+    Status(crate::status::StatusArgs),
     /// Print the effective configuration and where each value came from.
     Config {
         /// Print JSON instead of text.
@@ -121,6 +128,8 @@ pub fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<()> {
         }
         Command::Serve(args) => crate::server::serve(cfg, args, out),
         Command::Join(args) => crate::api::client::join_command(cfg, args, out),
+        Command::Leave(args) => crate::api::client::leave_command(cfg, args, out),
+        Command::Status(args) => crate::status::status_command(cfg, args, out),
         Command::Config { json } => {
             if json {
                 return write_json(out, cfg);

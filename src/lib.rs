@@ -14,6 +14,7 @@ pub mod op;
 pub mod server;
 pub mod signed;
 pub mod state;
+pub mod status;
 pub mod store;
 #[doc(hidden)]
 pub mod testkit;

@@ -189,6 +189,7 @@ fn client_cmd(ns: &Netns, dir: &std::path::Path) -> std::process::Command {
 fn client_join(ns: &Netns, dir: &std::path::Path, url: &JoinUrl, ifname: &str) -> JoinResponse {
     let out = must(client_cmd(ns, dir).args([
         "join",
+        "--once",
         &url.to_string(),
         "--hostname",
         "laptop",

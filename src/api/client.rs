@@ -292,7 +292,7 @@ mod tests {
     }
 }
 
-// ---- the join agent (minimal: join once, program the interface, exit) ----
+// ---- the join agent: join, program the interface, then keep refreshing until stopped ----
 
 use lemonade_nexus_netlink::model::{IpNet, PrivateKey};
 use lemonade_nexus_netlink::rtnl::LinkConfig;
@@ -314,6 +314,22 @@ pub struct JoinArgs {
     /// Join only (print the answer); do not program a WireGuard interface.
     #[arg(long)]
     pub no_dataplane: bool,
+    /// Join once and exit instead of staying in the foreground as the agent.
+    #[arg(long)]
+    pub once: bool,
+    /// Seconds between the agent's rounds (re-join with the same identity, reconcile the
+    /// local interface).
+    #[arg(long, value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub interval: u64,
+}
+
+/// `lemonade-nexus leave` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LeaveArgs {
+    /// The WireGuard interface to remove. Default: the one `join` recorded.
+    #[arg(long, value_name = "IFNAME")]
+    pub wg_interface: Option<String>,
 }
 
 /// The local WireGuard device and link a join answer asks for. Pure.
@@ -379,8 +395,14 @@ pub fn client_device(
 
 /// `lemonade-nexus join URL`: loads (or creates) this device's identity, joins over pinned
 /// HTTPS, programs the local WireGuard interface and its addresses, and saves the answer in
-/// `<data dir>/join.json` (mode 0600: it holds the token). Running it again keeps the identity,
-/// so the server answers with the same node and address.
+/// `<data dir>/join.json` (mode 0600: it holds the token) and the interface in `agent.json`.
+/// Running it again keeps the identity, so the server answers with the same node and address.
+///
+/// Unless `--once`, it then stays in the foreground as the agent: every `--interval` seconds it
+/// joins again with the same identity (the server keeps node and address, and re-programs its
+/// peer) and reconciles the local interface, so drift on either side is corrected. A failed
+/// round is logged and retried next round; the interface stays up. SIGINT or SIGTERM stop the
+/// agent cleanly and leave the tunnel in place (`leave` removes it).
 pub fn join_command(cfg: &Config, args: JoinArgs, out: &mut dyn std::io::Write) -> Result<()> {
     use ring::rand::SystemRandom;
     use std::os::unix::fs::DirBuilderExt;
@@ -398,30 +420,8 @@ pub fn join_command(cfg: &Config, args: JoinArgs, out: &mut dyn std::io::Write) 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let answer = rt.block_on(async {
-        let client = PinnedClient::new(url.clone())?;
-        client
-            .join(
-                &id.node,
-                &id.wireguard.public_base64(),
-                args.hostname.as_deref(),
-            )
-            .await
-    })?;
-    crate::identity::write_atomic(
-        &cfg.data_dir.join("join.json"),
-        &serde_json::to_vec_pretty(&answer)?,
-    )?;
-    if !args.no_dataplane {
-        let private = PrivateKey(
-            id.wireguard
-                .private_base64()
-                .parse()
-                .context("the WireGuard identity key")?,
-        );
-        let (device, link) = client_device(&answer, private)?;
-        rt.block_on(program(cfg, &args.wg_interface, &device, &link))?;
-    }
+    let client = PinnedClient::new(url.clone())?;
+    let answer = rt.block_on(round(cfg, &args, &id, &client))?;
     writeln!(out, "joined {} as node {}", url.host, answer.node_id)?;
     writeln!(
         out,
@@ -436,7 +436,148 @@ pub fn join_command(cfg: &Config, args: JoinArgs, out: &mut dyn std::io::Write) 
     if !args.no_dataplane {
         writeln!(out, "interface: {}", args.wg_interface)?;
     }
+    if args.once {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "agent running: refreshing every {} s (stop with Ctrl-C; `lemonade-nexus leave` removes the tunnel)",
+        args.interval
+    )?;
+    out.flush()?;
+    rt.block_on(agent_loop(cfg, &args, &id, &client))?;
+    writeln!(out, "agent stopped; the tunnel stays up")?;
     Ok(())
+}
+
+/// One agent round: join (idempotent for this identity), save the answer, program the interface.
+async fn round(
+    cfg: &Config,
+    args: &JoinArgs,
+    id: &crate::identity::Identity,
+    client: &PinnedClient,
+) -> Result<JoinResponse> {
+    let answer = client
+        .join(
+            &id.node,
+            &id.wireguard.public_base64(),
+            args.hostname.as_deref(),
+        )
+        .await?;
+    crate::identity::write_atomic(
+        &crate::status::join_state_path(&cfg.data_dir),
+        &serde_json::to_vec_pretty(&answer)?,
+    )?;
+    let url = JoinUrl::parse(&args.url)?;
+    let agent = crate::status::AgentState {
+        server: format!("{}:{}", url.host, url.port),
+        interface: (!args.no_dataplane).then(|| args.wg_interface.clone()),
+    };
+    crate::identity::write_atomic(
+        &crate::status::agent_state_path(&cfg.data_dir),
+        &serde_json::to_vec_pretty(&agent)?,
+    )?;
+    if !args.no_dataplane {
+        let private = PrivateKey(
+            id.wireguard
+                .private_base64()
+                .parse()
+                .context("the WireGuard identity key")?,
+        );
+        let (device, link) = client_device(&answer, private)?;
+        program(cfg, &args.wg_interface, &device, &link).await?;
+    }
+    Ok(answer)
+}
+
+/// Runs rounds every `args.interval` seconds until SIGINT or SIGTERM.
+async fn agent_loop(
+    cfg: &Config,
+    args: &JoinArgs,
+    id: &crate::identity::Identity,
+    client: &PinnedClient,
+) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    let period = Duration::from_secs(args.interval);
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = tokio::time::sleep(period) => {}
+        }
+        // A signal during a round is buffered and ends the loop right after it (each request
+        // is bounded by REQUEST_TIMEOUT).
+        match round(cfg, args, id, client).await {
+            Ok(a) => tracing::debug!(node = %a.node_id, "agent round: joined and reconciled"),
+            Err(e) => tracing::warn!("agent round failed (retrying in {period:?}): {e:#}"),
+        }
+    }
+}
+
+/// `lemonade-nexus leave`: removes the local WireGuard interface (its addresses and connected
+/// routes go with it) and the saved join state. The identity stays, so joining again gives the
+/// same node and address.
+pub fn leave_command(cfg: &Config, args: LeaveArgs, out: &mut dyn std::io::Write) -> Result<()> {
+    let dir = &cfg.data_dir;
+    let agent = crate::status::read_agent_state(dir)?;
+    let join_path = crate::status::join_state_path(dir);
+    let ifname = args
+        .wg_interface
+        .or_else(|| agent.as_ref().and_then(|a| a.interface.clone()));
+    if agent.is_none() && !join_path.exists() && ifname.is_none() {
+        writeln!(out, "not joined: nothing to leave in {}", dir.display())?;
+        return Ok(());
+    }
+    if let Some(ifname) = &ifname {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let removed = rt.block_on(remove_device(ifname))?;
+        if removed {
+            writeln!(out, "removed interface {ifname}")?;
+        } else {
+            writeln!(out, "interface {ifname} was already gone")?;
+        }
+    }
+    for p in [join_path, crate::status::agent_state_path(dir)] {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", p.display())),
+        }
+    }
+    writeln!(
+        out,
+        "left; the identity in {} is kept (joining again keeps the same address)",
+        dir.display()
+    )?;
+    Ok(())
+}
+
+/// Deletes `ifname` with whichever backend drives it. Returns false when it did not exist.
+async fn remove_device(ifname: &str) -> Result<bool> {
+    use lemonade_nexus_netlink::WgBackend;
+    let uapi = lemonade_nexus_netlink::uapi::UapiBackend::new();
+    if uapi
+        .socket_path(ifname)
+        .map(|p| p.exists())
+        .unwrap_or(false)
+    {
+        uapi.delete_device(ifname)
+            .await
+            .with_context(|| format!("cannot remove WireGuard interface {ifname}"))?;
+        return Ok(true);
+    }
+    let rtnl = lemonade_nexus_netlink::rtnl::Rtnl::connect()?;
+    if rtnl.link(ifname).await?.is_none() {
+        return Ok(false);
+    }
+    rtnl.delete_link(ifname)
+        .await
+        .with_context(|| format!("cannot remove interface {ifname}"))?;
+    Ok(true)
 }
 
 async fn program(

@@ -1,0 +1,567 @@
+//! `lemonade-nexus status [--json]` for both roles.
+//!
+//! - A client (its data directory holds `join.json`): the server it joined, its tunnel addresses,
+//!   the server's WireGuard endpoint, and from a dump of the local WireGuard device the handshake
+//!   age and traffic counters of the server peer, and the backend in use.
+//! - A server (its data directory holds the state store): one row per peer of the client-plane
+//!   device (hostname from the tree, tunnel addresses, endpoint, handshake age, rx/tx).
+//!
+//! The views and their rendering are pure (`now` is an argument); only [`status_command`] reads
+//! files and dumps devices.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use lemonade_nexus_netlink::model::IpNet;
+use lemonade_nexus_netlink::uapi::UapiBackend;
+use lemonade_nexus_netlink::{BackendKind, DeviceState, Key, WgBackend};
+use serde::Serialize;
+
+use crate::api::join::JoinResponse;
+use crate::config::Config;
+
+/// `lemonade-nexus status` options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// The WireGuard interface to dump. Default: the one `join` recorded (client), or `ln-client`
+    /// (server).
+    #[arg(long, value_name = "IFNAME")]
+    pub wg_interface: Option<String>,
+}
+
+/// One WireGuard peer as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PeerView {
+    pub public_key: String,
+    /// The peer's hostname in the tree, when known.
+    pub name: Option<String>,
+    pub allowed_ips: Vec<String>,
+    pub endpoint: Option<String>,
+    /// Seconds since the last handshake; `None`: never.
+    pub handshake_age_secs: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// A client's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClientStatus {
+    pub role: &'static str,
+    /// The server's API address (host:port of the join URL), when the agent recorded it.
+    pub server: Option<String>,
+    pub node_id: String,
+    pub tunnel_ipv4: String,
+    pub tunnel_ipv6: String,
+    pub server_endpoint: String,
+    pub server_tunnel_ipv4: String,
+    pub interface: String,
+    /// `kernel` or `userspace`; `None` when the device is missing.
+    pub backend: Option<String>,
+    /// The server peer on the local device; `None` when the device or the peer is missing.
+    pub server_peer: Option<PeerView>,
+    /// Why the device could not be read, if it could not.
+    pub device_error: Option<String>,
+}
+
+/// A server's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServerStatus {
+    pub role: &'static str,
+    pub interface: String,
+    pub backend: Option<String>,
+    /// Where peer names came from, or why they are missing.
+    pub names: String,
+    pub peers: Vec<PeerView>,
+    pub device_error: Option<String>,
+}
+
+/// Seconds between `last` and `now` (0 if `last` is in the future); `None` when never.
+pub fn handshake_age(last: Option<SystemTime>, now: SystemTime) -> Option<u64> {
+    last.map(|t| now.duration_since(t).unwrap_or(Duration::ZERO).as_secs())
+}
+
+/// "never", "42s ago", "3m 5s ago", "2h 1m ago", "4d 3h ago".
+pub fn format_age(age: Option<u64>) -> String {
+    let Some(s) = age else {
+        return "never".into();
+    };
+    let (d, h, m, s) = (s / 86_400, s / 3600 % 24, s / 60 % 60, s % 60);
+    if d > 0 {
+        format!("{d}d {h}h ago")
+    } else if h > 0 {
+        format!("{h}h {m}m ago")
+    } else if m > 0 {
+        format!("{m}m {s}s ago")
+    } else {
+        format!("{s}s ago")
+    }
+}
+
+/// Bytes with a binary unit: "512 B", "1.5 KiB", "3.0 MiB".
+pub fn format_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < UNITS.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    format!("{v:.1} {}", UNITS[i])
+}
+
+/// The peers of a device dump as views, sorted by name then key. Pure.
+pub fn peer_views(
+    dev: &DeviceState,
+    names: &HashMap<Key, String>,
+    now: SystemTime,
+) -> Vec<PeerView> {
+    let mut v: Vec<PeerView> = dev
+        .peers
+        .iter()
+        .map(|p| PeerView {
+            public_key: p.config.public_key.to_string(),
+            name: names.get(&p.config.public_key).cloned(),
+            allowed_ips: p.config.allowed_ips.iter().map(IpNet::to_string).collect(),
+            endpoint: p.config.endpoint.map(|e| e.to_string()),
+            handshake_age_secs: handshake_age(p.last_handshake, now),
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
+        })
+        .collect();
+    v.sort_by(|a, b| (&a.name, &a.public_key).cmp(&(&b.name, &b.public_key)));
+    v
+}
+
+/// The client view from the saved join answer and (if readable) the device dump. Pure.
+pub fn client_status(
+    answer: &JoinResponse,
+    agent: Option<&AgentState>,
+    interface: &str,
+    dump: Result<(BackendKind, DeviceState), String>,
+    now: SystemTime,
+) -> ClientStatus {
+    let (backend, server_peer, device_error) = match dump {
+        Ok((kind, dev)) => {
+            let names = HashMap::new();
+            let peer = peer_views(&dev, &names, now)
+                .into_iter()
+                .find(|p| p.public_key == answer.server_wg_pubkey);
+            let err = peer
+                .is_none()
+                .then(|| format!("the server peer is not on {interface}"));
+            (Some(kind.to_string()), peer, err)
+        }
+        Err(e) => (None, None, Some(e)),
+    };
+    ClientStatus {
+        role: "client",
+        server: agent.map(|a| a.server.clone()),
+        node_id: answer.node_id.clone(),
+        tunnel_ipv4: answer.tunnel_ipv4.clone(),
+        tunnel_ipv6: answer.tunnel_ipv6.clone(),
+        server_endpoint: answer.server_wg_endpoint.clone(),
+        server_tunnel_ipv4: answer.server_tunnel_ipv4.clone(),
+        interface: interface.to_owned(),
+        backend,
+        server_peer,
+        device_error,
+    }
+}
+
+/// Text rendering of a client's status. Pure.
+pub fn render_client(s: &ClientStatus) -> String {
+    let mut o = String::new();
+    o.push_str("role:              client\n");
+    if let Some(server) = &s.server {
+        o.push_str(&format!("server:            {server}\n"));
+    }
+    o.push_str(&format!("node:              {}\n", s.node_id));
+    o.push_str(&format!(
+        "tunnel addresses:  {} {}\n",
+        s.tunnel_ipv4, s.tunnel_ipv6
+    ));
+    o.push_str(&format!(
+        "server endpoint:   {} (tunnel {})\n",
+        s.server_endpoint, s.server_tunnel_ipv4
+    ));
+    o.push_str(&format!(
+        "interface:         {} ({})\n",
+        s.interface,
+        s.backend.as_deref().unwrap_or("not present")
+    ));
+    if let Some(p) = &s.server_peer {
+        o.push_str(&format!(
+            "last handshake:    {}\n",
+            format_age(p.handshake_age_secs)
+        ));
+        o.push_str(&format!(
+            "traffic:           rx {}  tx {}\n",
+            format_bytes(p.rx_bytes),
+            format_bytes(p.tx_bytes)
+        ));
+    }
+    if let Some(e) = &s.device_error {
+        o.push_str(&format!("device:            {e}\n"));
+    }
+    o
+}
+
+/// Text rendering of a server's status: a header and one row per peer. Pure.
+pub fn render_server(s: &ServerStatus) -> String {
+    let mut o = String::new();
+    o.push_str("role:       server\n");
+    o.push_str(&format!(
+        "interface:  {} ({})\n",
+        s.interface,
+        s.backend.as_deref().unwrap_or("not present")
+    ));
+    o.push_str(&format!("names:      {}\n", s.names));
+    if let Some(e) = &s.device_error {
+        o.push_str(&format!("device:     {e}\n"));
+    }
+    o.push_str(&format!("peers:      {}\n", s.peers.len()));
+    if s.peers.is_empty() {
+        return o;
+    }
+    let rows: Vec<[String; 6]> = s
+        .peers
+        .iter()
+        .map(|p| {
+            [
+                p.name.clone().unwrap_or_else(|| short_key(&p.public_key)),
+                p.allowed_ips.join(" "),
+                p.endpoint.clone().unwrap_or_else(|| "-".into()),
+                format_age(p.handshake_age_secs),
+                format_bytes(p.rx_bytes),
+                format_bytes(p.tx_bytes),
+            ]
+        })
+        .collect();
+    let head = ["PEER", "TUNNEL", "ENDPOINT", "HANDSHAKE", "RX", "TX"].map(String::from);
+    let mut widths = head.clone().map(|h| h.len());
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    for r in std::iter::once(&head).chain(&rows) {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        o.push_str(line.join("  ").trim_end());
+        o.push('\n');
+    }
+    o
+}
+
+fn short_key(k: &str) -> String {
+    format!("{}…", k.chars().take(10).collect::<String>())
+}
+
+/// What the join agent records beside `join.json` so `status` and `leave` find its interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct AgentState {
+    /// host:port of the server's public API.
+    pub server: String,
+    /// The local WireGuard interface, or `None` when joined with `--no-dataplane`.
+    pub interface: Option<String>,
+}
+
+/// `<data dir>/agent.json`.
+pub fn agent_state_path(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("agent.json")
+}
+
+/// `<data dir>/join.json`.
+pub fn join_state_path(data_dir: &Path) -> std::path::PathBuf {
+    data_dir.join("join.json")
+}
+
+/// Reads `agent.json` if present.
+pub fn read_agent_state(data_dir: &Path) -> Result<Option<AgentState>> {
+    let p = agent_state_path(data_dir);
+    match std::fs::read(&p) {
+        Ok(b) => {
+            Ok(Some(serde_json::from_slice(&b).with_context(|| {
+                format!("{} is not valid", p.display())
+            })?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
+    }
+}
+
+/// Dumps `ifname` with the backend that drives it: userspace when a UAPI socket exists for it,
+/// else the kernel.
+pub async fn dump_device(ifname: &str) -> Result<(BackendKind, DeviceState), String> {
+    let uapi = UapiBackend::new();
+    let userspace = uapi
+        .socket_path(ifname)
+        .map(|p| p.exists())
+        .unwrap_or(false);
+    if userspace {
+        return uapi
+            .get(ifname)
+            .await
+            .map(|d| (BackendKind::Userspace, d))
+            .map_err(|e| format!("cannot dump {ifname} (userspace): {e}"));
+    }
+    let kernel = lemonade_nexus_netlink::kernel::KernelBackend::connect(Default::default())
+        .await
+        .map_err(|e| {
+            format!("interface {ifname} not found (no UAPI socket, no kernel WireGuard: {e})")
+        })?;
+    kernel
+        .get(ifname)
+        .await
+        .map(|d| (BackendKind::Kernel, d))
+        .map_err(|e| format!("cannot dump {ifname} (kernel): {e}"))
+}
+
+/// `lemonade-nexus status`.
+pub fn status_command(cfg: &Config, args: StatusArgs, out: &mut dyn std::io::Write) -> Result<()> {
+    let dir = &cfg.data_dir;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let join_path = join_state_path(dir);
+    if join_path.exists() {
+        let answer: JoinResponse = serde_json::from_slice(
+            &std::fs::read(&join_path)
+                .with_context(|| format!("cannot read {}", join_path.display()))?,
+        )
+        .with_context(|| format!("{} is not a join answer", join_path.display()))?;
+        let agent = read_agent_state(dir)?;
+        let ifname = args
+            .wg_interface
+            .clone()
+            .or_else(|| agent.as_ref().and_then(|a| a.interface.clone()))
+            .unwrap_or_else(|| "ln-wg".into());
+        let dump = rt.block_on(dump_device(&ifname));
+        let s = client_status(&answer, agent.as_ref(), &ifname, dump, SystemTime::now());
+        return if args.json {
+            write_json(out, &s)
+        } else {
+            Ok(write!(out, "{}", render_client(&s))?)
+        };
+    }
+    let db = crate::store::db_path(dir);
+    if !db.exists() {
+        anyhow::bail!(
+            "{} holds neither a join state (join.json: run `lemonade-nexus join URL`) nor a server's state store (run `lemonade-nexus serve`); point --data-dir at the right directory",
+            dir.display()
+        );
+    }
+    let ifname = args.wg_interface.unwrap_or_else(|| "ln-client".into());
+    // While `serve` runs it holds the store's lock; then the peers are shown without names.
+    let (names, source) = match crate::store::Snapshot::read(&db) {
+        Ok(snap) => {
+            let names: HashMap<Key, String> = snap
+                .state
+                .tree()
+                .nodes()
+                .filter_map(|n| Some((Key(n.wg_pubkey?.0), n.hostname.clone())))
+                .collect();
+            (names, "from the state store".to_owned())
+        }
+        Err(e) => (
+            HashMap::new(),
+            format!(
+                "unavailable (state store not readable, probably held by the running server: {e})"
+            ),
+        ),
+    };
+    let dump = rt.block_on(dump_device(&ifname));
+    let s = match dump {
+        Ok((kind, dev)) => ServerStatus {
+            role: "server",
+            interface: ifname,
+            backend: Some(kind.to_string()),
+            names: source,
+            peers: peer_views(&dev, &names, SystemTime::now()),
+            device_error: None,
+        },
+        Err(e) => ServerStatus {
+            role: "server",
+            interface: ifname,
+            backend: None,
+            names: source,
+            peers: Vec::new(),
+            device_error: Some(e),
+        },
+    };
+    if args.json {
+        write_json(out, &s)
+    } else {
+        Ok(write!(out, "{}", render_server(&s))?)
+    }
+}
+
+fn write_json<T: Serialize>(out: &mut dyn std::io::Write, v: &T) -> Result<()> {
+    serde_json::to_writer_pretty(&mut *out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lemonade_nexus_netlink::{PeerConfig, PeerState};
+
+    fn dev(now: SystemTime) -> DeviceState {
+        DeviceState {
+            peers: vec![
+                PeerState {
+                    config: PeerConfig {
+                        public_key: Key([2; 32]),
+                        preshared_key: None,
+                        endpoint: Some("192.0.2.7:40000".parse().expect("addr")),
+                        persistent_keepalive: None,
+                        allowed_ips: vec!["10.64.3.17/32".parse().expect("net")],
+                    },
+                    last_handshake: Some(now - Duration::from_secs(75)),
+                    rx_bytes: 1536,
+                    tx_bytes: 100,
+                },
+                PeerState {
+                    config: PeerConfig {
+                        public_key: Key([1; 32]),
+                        preshared_key: None,
+                        endpoint: None,
+                        persistent_keepalive: None,
+                        allowed_ips: vec![],
+                    },
+                    last_handshake: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                },
+            ],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ages_and_sizes_read_like_a_human_wrote_them() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        assert_eq!(handshake_age(None, now), None);
+        assert_eq!(
+            handshake_age(Some(now - Duration::from_secs(42)), now),
+            Some(42)
+        );
+        // A handshake "in the future" (clock step) is 0 s old, not a panic.
+        assert_eq!(
+            handshake_age(Some(now + Duration::from_secs(5)), now),
+            Some(0)
+        );
+        assert_eq!(format_age(None), "never");
+        assert_eq!(format_age(Some(42)), "42s ago");
+        assert_eq!(format_age(Some(185)), "3m 5s ago");
+        assert_eq!(format_age(Some(7260)), "2h 1m ago");
+        assert_eq!(format_age(Some(3 * 86_400 + 3600)), "3d 1h ago");
+        assert_eq!(format_bytes(512), "512 B");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
+        assert_eq!(format_bytes(3 * 1024 * 1024), "3.0 MiB");
+    }
+
+    #[test]
+    fn server_table_names_peers_from_the_tree_and_shows_ages() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let names = HashMap::from([(Key([2; 32]), "laptop".to_owned())]);
+        let peers = peer_views(&dev(now), &names, now);
+        assert_eq!(peers.len(), 2);
+        let named = peers.iter().find(|p| p.name.is_some()).expect("named");
+        assert_eq!(named.handshake_age_secs, Some(75));
+        assert_eq!(named.allowed_ips, vec!["10.64.3.17/32"]);
+        let s = ServerStatus {
+            role: "server",
+            interface: "ln-client".into(),
+            backend: Some("userspace".into()),
+            names: "from the state store".into(),
+            peers,
+            device_error: None,
+        };
+        let text = render_server(&s);
+        let row = text.lines().find(|l| l.starts_with("laptop")).expect(&text);
+        assert!(row.contains("10.64.3.17/32"), "{row}");
+        assert!(row.contains("192.0.2.7:40000"), "{row}");
+        assert!(row.contains("1m 15s ago"), "{row}");
+        assert!(row.contains("1.5 KiB"), "{row}");
+        assert!(text.contains("never"), "{text}");
+        assert!(text.contains("ln-client (userspace)"), "{text}");
+        let json = serde_json::to_value(&s).expect("json");
+        assert_eq!(json["peers"][1]["name"], "laptop");
+        assert_eq!(json["peers"][1]["handshake_age_secs"], 75);
+    }
+
+    fn answer() -> JoinResponse {
+        JoinResponse {
+            token: "t".into(),
+            token_expires_at_ms: 0,
+            node_id: "n1".into(),
+            group_id: "g".into(),
+            existing: false,
+            tunnel_ipv4: "10.64.3.17".into(),
+            tunnel_ipv6: "fd6c:6e00::311".into(),
+            addresses: vec![],
+            server_wg_pubkey: Key([2; 32]).to_string(),
+            server_wg_endpoint: "192.0.2.7:51940".into(),
+            server_tunnel_ipv4: "10.64.0.1".into(),
+            server_tunnel_ipv6: "fd6c:6e00::1".into(),
+            allowed_ips: vec![],
+            dns_servers: vec![],
+            private_api: String::new(),
+            tls_pin: None,
+            peer_programmed: true,
+        }
+    }
+
+    #[test]
+    fn client_status_finds_the_server_peer_or_says_what_is_missing() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let agent = AgentState {
+            server: "192.0.2.7:9100".into(),
+            interface: Some("lc0".into()),
+        };
+        let s = client_status(
+            &answer(),
+            Some(&agent),
+            "lc0",
+            Ok((BackendKind::Userspace, dev(now))),
+            now,
+        );
+        let p = s.server_peer.as_ref().expect("server peer");
+        assert_eq!((p.handshake_age_secs, p.rx_bytes), (Some(75), 1536));
+        assert_eq!(s.backend.as_deref(), Some("userspace"));
+        let text = render_client(&s);
+        assert!(text.contains("192.0.2.7:9100"), "{text}");
+        assert!(text.contains("10.64.3.17 fd6c:6e00::311"), "{text}");
+        assert!(text.contains("1m 15s ago"), "{text}");
+        assert!(text.contains("rx 1.5 KiB  tx 100 B"), "{text}");
+
+        let gone = client_status(&answer(), None, "lc0", Err("no such device".into()), now);
+        assert!(gone.server_peer.is_none() && gone.backend.is_none());
+        assert!(render_client(&gone).contains("no such device"));
+
+        let mut other = answer();
+        other.server_wg_pubkey = Key([9; 32]).to_string();
+        let s = client_status(
+            &other,
+            None,
+            "lc0",
+            Ok((BackendKind::Kernel, dev(now))),
+            now,
+        );
+        assert!(s.server_peer.is_none());
+        assert!(s.device_error.expect("error").contains("server peer"));
+    }
+}
