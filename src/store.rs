@@ -552,10 +552,7 @@ impl Store {
                     head = Some((rows, state.clone(), last));
                 }
                 let (k, _) = e?;
-                let fk: FoldKey = k
-                    .value()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("bad fold key".into()))?;
+                let fk = fold_key(k.value())?;
                 let logged = read_logged(&log, &fk)?;
                 let effect = match request_id(&logged) {
                     Some(id) if used.contains_key(&id) => Err(replayed(&logged)),
@@ -645,10 +642,7 @@ impl Store {
         let mut last = cp.key;
         for e in fold.range::<&[u8]>((start, Bound::Unbounded))? {
             let (k, _) = e?;
-            let fk: FoldKey = k
-                .value()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("bad fold key".into()))?;
+            let fk = fold_key(k.value())?;
             let logged = read_logged(&log, &fk)?;
             let effect = match request_id(&logged) {
                 Some(id) if requests.get(&id[..])?.is_some() => Err(replayed(&logged)),
@@ -779,7 +773,7 @@ impl Store {
         let mut out = Vec::new();
         for e in fold.iter()? {
             let (k, _) = e?;
-            out.push(read_logged(&log, k.value())?.op);
+            out.push(read_logged(&log, &fold_key(k.value())?)?.op);
         }
         Ok(out)
     }
@@ -908,11 +902,7 @@ fn load(db: &impl ReadableDatabase) -> Result<Loaded, StoreError> {
     }
     let fold = rtx.open_table(FOLD_INDEX)?;
     let last_fold: Option<FoldKey> = match fold.last()? {
-        Some((k, _)) => Some(
-            k.value()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("bad fold key".into()))?,
-        ),
+        Some((k, _)) => Some(fold_key(k.value())?),
         None => None,
     };
     drop(fold);
@@ -953,10 +943,7 @@ fn fold_log(
     let mut requests = BTreeMap::new();
     for e in fold.iter()? {
         let (k, _) = e?;
-        let fk: FoldKey = k
-            .value()
-            .try_into()
-            .map_err(|_| StoreError::Corrupt("bad fold key".into()))?;
+        let fk = fold_key(k.value())?;
         let logged = read_logged(log, &fk)?;
         // A request already used is a replay: no effect. Otherwise apply (refusals have no effect).
         match request_id(&logged) {
@@ -972,15 +959,19 @@ fn fold_log(
     Ok(Folded { state, requests })
 }
 
+/// A fold key read back from the `fold_index` table.
+fn fold_key(bytes: &[u8]) -> Result<FoldKey, StoreError> {
+    bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("bad fold key".into()))
+}
+
 /// Reads and decodes the op at fold key `fk` (bytes from our own log: verified, canonical-checked
 /// before they were stored, so neither the signature nor the canonical form is re-checked).
 fn read_logged(
     log: &impl ReadableTable<&'static [u8], &'static [u8]>,
-    fk: &[u8],
+    fk: &FoldKey,
 ) -> Result<LoggedOp, StoreError> {
-    let fk: &FoldKey = fk
-        .try_into()
-        .map_err(|_| StoreError::Corrupt("bad fold key".into()))?;
     let (origin, seq) = origin_seq_of(fk);
     let bytes = log.get(&log_key(&origin, seq)[..])?.ok_or_else(|| {
         StoreError::Corrupt(format!(
