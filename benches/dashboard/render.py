@@ -311,17 +311,22 @@ def figure_block(fig: dict, runs: list[dict]) -> tuple[str, int]:
     parts.append(chart_div(bar_spec(fig), "bars"))
     charts += 1
     trend = trend_spec([fig["id"]], ["Lemonade Nexus"], runs, fig.get("unit", ""), with_ref=True)
-    if trend:
-        trend["title"] = f"trend: {fig.get('label', fig['id'])}"
-        parts.append('<h4>Trend across recorded runs</h4>')
-        parts.append(chart_div(trend, "trend"))
-        charts += 1
-    else:
-        parts.append('<p class="note">The trend chart appears once two recorded runs have this figure.</p>')
+    html, n = trend_section(trend, fig.get("label", fig["id"]), "figure")
+    parts.append(html)
+    charts += n
     if fig.get("note"):
         parts.append(f'<p class="note">{e(fig["note"])}</p>')
     parts.append("</div>")
     return "".join(parts), charts
+
+
+def trend_section(trend: dict | None, title: str, what: str) -> tuple[str, int]:
+    """The trend chart under its heading, or (fewer than two recorded runs) a note saying when it
+    appears; returns the HTML and the number of charts it holds."""
+    if not trend:
+        return f'<p class="note">The trend chart appears once two recorded runs have this {what}.</p>', 0
+    trend["title"] = f"trend: {title}"
+    return '<h4>Trend across recorded runs</h4>' + chart_div(trend, "trend"), 1
 
 
 def series_block(series_id: str, figs: list[dict], runs: list[dict]) -> tuple[str, int]:
@@ -360,13 +365,9 @@ def series_block(series_id: str, figs: list[dict], runs: list[dict]) -> tuple[st
     ids = [f["id"] for f in measured]
     labels = [f"N = {fmt_num(f['n'])}" for f in measured]
     trend = trend_spec(ids, labels, runs, first.get("unit", ""), with_ref=False)
-    if trend:
-        trend["title"] = f"trend: {title}"
-        parts.append('<h4>Trend across recorded runs</h4>')
-        parts.append(chart_div(trend, "trend"))
-        charts += 1
-    else:
-        parts.append('<p class="note">The trend chart appears once two recorded runs have this series.</p>')
+    html, n = trend_section(trend, title, "series")
+    parts.append(html)
+    charts += n
     if first.get("note"):
         parts.append(f'<p class="note">{e(first["note"])}</p>')
     parts.append("</div>")
