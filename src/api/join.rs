@@ -11,8 +11,8 @@
 //!   root (`group-<hash of key>`), a grant on that group (read, write, add_child, edit_node,
 //!   delete_node, connect_private: its own subtree, nothing above it), an endpoint node owned by
 //!   its key, and a tunnel address from the IPAM proposal functions.
-//! * Under **closed** registration a new device is refused. (Setup keys and link tokens naming a
-//!   target group are the next slice of issue 4.)
+//! * Under **closed** registration a new device is refused, unless it brings a setup key: then
+//!   it joins the key's group, open or closed ([`crate::api::private::setup_keys`]).
 //!
 //! Nobody becomes an administrator by joining: the first administrator is set at genesis
 //! (`serve --admin-key`), never by the first joiner (inventory §13.1).
@@ -327,6 +327,9 @@ pub struct JoinBody {
     pub wg_pubkey: String,
     /// A DNS label for the device.
     pub hostname: Option<String>,
+    /// A setup key: joins the group it names, even under closed registration
+    /// (see `api::private::setup_keys`).
+    pub setup_key: Option<String>,
 }
 
 /// `POST /api/join` answer: everything the client needs to bring its tunnel up.
@@ -407,20 +410,35 @@ struct Joined {
     config: crate::ipam::IpamConfig,
 }
 
-fn join_in_store(state: &ApiState, req: &JoinRequest) -> Result<Joined, ApiError> {
+fn join_in_store(
+    state: &ApiState,
+    req: &JoinRequest,
+    setup_key: Option<&str>,
+) -> Result<Joined, ApiError> {
     let server = state.server.public();
     let mut store = state.lock_store();
     let now_ms = state.clock.now_ms();
     let next_seq = store.heads().get(&server).copied().unwrap_or(0) + 1;
     let now = store.clock().tick(now_ms);
-    let plan = plan_join(
-        store.state(),
-        &server,
-        next_seq,
-        req,
-        state.settings.registration,
-        now,
-    )?;
+    let plan = match setup_key {
+        Some(k) => super::private::setup_keys::plan_join_with_key(
+            store.state(),
+            &server,
+            next_seq,
+            req,
+            k,
+            now_ms,
+            now,
+        )?,
+        None => plan_join(
+            store.state(),
+            &server,
+            next_seq,
+            req,
+            state.settings.registration,
+            now,
+        )?,
+    };
     if !plan.ops.is_empty() {
         let ops = plan.ops.iter().map(|b| (server, b.clone(), None)).collect();
         let results = store
@@ -469,7 +487,7 @@ fn join_in_store(state: &ApiState, req: &JoinRequest) -> Result<Joined, ApiError
         (status = 200, description = "Enrolled: everything the device needs", body = JoinResponse),
         (status = 400, description = "Malformed body, key or hostname", body = super::ErrorBody),
         (status = 401, description = "No valid proof of possession", body = super::ErrorBody),
-        (status = 403, description = "Registration is closed", body = super::ErrorBody),
+        (status = 403, description = "Registration is closed, or the setup key is unknown, used or expired", body = super::ErrorBody),
         (status = 409, description = "WireGuard key already in use", body = super::ErrorBody),
         (status = 503, description = "Address pool exhausted", body = super::ErrorBody),
     )
@@ -494,7 +512,8 @@ pub async fn post_join(
         hostname: body.hostname,
     };
     let st = state.clone().into_inner();
-    let joined = web::block(move || join_in_store(&st, &req))
+    let setup_key = body.setup_key;
+    let joined = web::block(move || join_in_store(&st, &req, setup_key.as_deref()))
         .await
         .map_err(ApiError::internal)??;
     let peer_programmed = match &state.peers {

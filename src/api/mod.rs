@@ -17,6 +17,7 @@ pub mod auth;
 pub mod client;
 pub mod health;
 pub mod join;
+pub mod private;
 pub mod ratelimit;
 pub mod servers;
 

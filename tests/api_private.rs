@@ -1,0 +1,772 @@
+//! The private API walked route by route, role by role, in-process (actix's test service: real
+//! handlers, real store in a temporary directory, no WireGuard). Devices enrol through the real
+//! public join; tokens come from the real join and `/api/auth`, or are forged the way an attacker
+//! or a stale client would hold them (expired, issued by another cluster).
+
+use std::sync::Arc;
+
+use actix_web::http::{Method, StatusCode};
+use actix_web::{App, test};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use lemonade_nexus::api::auth::{self, ChallengeResponse, TokenClaims, make_proof};
+use lemonade_nexus::api::join::{JoinResponse, Registration};
+use lemonade_nexus::api::{self, ApiState, DataplaneInfo, Settings};
+use lemonade_nexus::identity::NodeKey;
+use lemonade_nexus::ipam::IpamConfig;
+use lemonade_nexus::server::genesis_ops;
+use lemonade_nexus::store::Store;
+use serde_json::{Value, json};
+
+const SERVER_SEED: [u8; 32] = [1; 32];
+const ADMIN_SEED: [u8; 32] = [9; 32];
+
+fn api_state(dir: &std::path::Path, registration: Registration) -> Arc<ApiState> {
+    let server = NodeKey::from_seed(&SERVER_SEED);
+    let (mut store, _) = Store::create(
+        &dir.join("state.redb"),
+        server.public(),
+        IpamConfig::default(),
+    )
+    .expect("store");
+    let admin = NodeKey::from_seed(&ADMIN_SEED).public();
+    let ops = genesis_ops(
+        store.state(),
+        &server.public(),
+        [5; 32],
+        "srv",
+        Some(admin),
+        true,
+    )
+    .expect("genesis");
+    let batch = ops
+        .into_iter()
+        .map(|b| (server.public(), b, None))
+        .collect();
+    for r in store
+        .append_local_batch(&server, batch, 1_000)
+        .expect("append")
+    {
+        r.expect("genesis op");
+    }
+    let settings = Settings {
+        registration,
+        wg_public_key: [5; 32],
+        wg_port: 51940,
+        public_host: Some("203.0.113.7".into()),
+        private_api_port: 9101,
+        api_port: 9100,
+        tls_pin: None,
+    };
+    let dataplane = DataplaneInfo {
+        backend: "none".into(),
+        fallback_reason: None,
+        interface: None,
+    };
+    Arc::new(ApiState::new(server, store, settings, dataplane, None))
+}
+
+trait Svc:
+    actix_web::dev::Service<
+        actix_http::Request,
+        Response = actix_web::dev::ServiceResponse,
+        Error = actix_web::Error,
+    >
+{
+}
+impl<T> Svc for T where
+    T: actix_web::dev::Service<
+            actix_http::Request,
+            Response = actix_web::dev::ServiceResponse,
+            Error = actix_web::Error,
+        >
+{
+}
+
+async fn call(
+    app: &impl Svc,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = test::TestRequest::default()
+        .method(method.clone())
+        .uri(path);
+    if let Some(t) = token {
+        req = req.insert_header(("authorization", format!("Bearer {t}")));
+    }
+    if let Some(b) = body {
+        req = req.set_json(b);
+    }
+    let resp = test::call_service(app, req.to_request()).await;
+    let status = resp.status();
+    let bytes = test::read_body(resp).await;
+    if bytes.is_empty() {
+        return (status, Value::Null);
+    }
+    let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+        panic!(
+            "{method} {path}: body is not JSON: {}",
+            String::from_utf8_lossy(&bytes)
+        )
+    });
+    (status, v)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64
+}
+
+async fn proof_for(public: &impl Svc, key: &NodeKey) -> String {
+    let (s, v) = call(
+        public,
+        Method::POST,
+        "/api/auth/challenge",
+        None,
+        Some(json!({ "pubkey": key.public().to_string() })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let c: ChallengeResponse = serde_json::from_value(v).expect("challenge shape");
+    let server = c.server_key.parse().expect("server key");
+    make_proof(
+        key.pair(),
+        &c.challenge().expect("challenge"),
+        server,
+        now(),
+    )
+}
+
+/// Joins device `seed` through the public API; returns the status and the body.
+async fn join(public: &impl Svc, seed: u8, setup_key: Option<&str>) -> (StatusCode, Value) {
+    let key = NodeKey::from_seed(&[seed; 32]);
+    let proof = proof_for(public, &key).await;
+    let mut body = json!({ "proof": proof, "wg_pubkey": STANDARD.encode([seed; 32]) });
+    if let Some(k) = setup_key {
+        body["setup_key"] = json!(k);
+    }
+    call(public, Method::POST, "/api/join", None, Some(body)).await
+}
+
+async fn joined(public: &impl Svc, seed: u8, setup_key: Option<&str>) -> JoinResponse {
+    let (s, v) = join(public, seed, setup_key).await;
+    assert_eq!(s, StatusCode::OK, "join {seed}: {v}");
+    serde_json::from_value(v).expect("join shape")
+}
+
+/// The administrator's token, through the real `/api/auth`.
+async fn admin_token(public: &impl Svc) -> String {
+    let admin = NodeKey::from_seed(&ADMIN_SEED);
+    let proof = proof_for(public, &admin).await;
+    let (s, v) = call(
+        public,
+        Method::POST,
+        "/api/auth",
+        None,
+        Some(json!({ "proof": proof })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v["token"].as_str().expect("token").to_owned()
+}
+
+fn code(v: &Value) -> &str {
+    v["error"]["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("not an error body: {v}"))
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = v["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes: {v}"))
+        .iter()
+        .map(|n| n["id"].as_str().expect("id").to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+macro_rules! apps {
+    ($state:expr) => {
+        (
+            test::init_service(App::new().configure(api::public($state.clone()))).await,
+            test::init_service(App::new().configure(api::private::routes($state.clone()))).await,
+        )
+    };
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Admin,
+    Owner,
+    Other,
+    NoToken,
+    Expired,
+    Foreign,
+}
+use Role::*;
+const ROLES: [Role; 6] = [Admin, Owner, Other, NoToken, Expired, Foreign];
+
+/// Every private route, every role: the status (and error code) each one gets.
+#[actix_web::test]
+async fn every_private_route_answers_every_role_as_its_permissions_say() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = api_state(dir.path(), Registration::Open);
+    let (public, private) = apps!(state);
+
+    let a = joined(&public, 2, None).await; // the group owner (its own group under open registration)
+    let c = joined(&public, 4, None).await; // another customer's device
+    let admin = admin_token(&public).await;
+    let server = NodeKey::from_seed(&SERVER_SEED);
+    let claims = TokenClaims {
+        subject: NodeKey::from_seed(&[2; 32]).public(),
+        node: Some(lemonade_nexus::tree::NodeId(
+            hex::decode(&a.node_id)
+                .expect("hex")
+                .try_into()
+                .expect("16"),
+        )),
+        cluster: state.root,
+    };
+    let expired = auth::issue_token(server.pair(), &claims, now() - 2 * auth::TOKEN_TTL_MS, 1);
+    let stranger = NodeKey::from_seed(&[77; 32]);
+    let foreign = auth::issue_token(
+        stranger.pair(),
+        &TokenClaims {
+            cluster: stranger.public(),
+            ..claims.clone()
+        },
+        now(),
+        2,
+    );
+    let token = |r: Role| -> Option<String> {
+        match r {
+            Admin => Some(admin.clone()),
+            Owner => Some(a.token.clone()),
+            Other => Some(c.token.clone()),
+            NoToken => None,
+            Expired => Some(expired.clone()),
+            Foreign => Some(foreign.clone()),
+        }
+    };
+    let unauth = |r: Role| matches!(r, NoToken | Expired | Foreign);
+    let g = a.group_id.clone();
+
+    // GET /api/tree: each sees the subtrees it may read, the unauthenticated nothing.
+    for r in ROLES {
+        let (s, v) = call(
+            &private,
+            Method::GET,
+            "/api/tree",
+            token(r).as_deref(),
+            None,
+        )
+        .await;
+        if unauth(r) {
+            assert_eq!(
+                (s, code(&v)),
+                (StatusCode::UNAUTHORIZED, "unauthorized"),
+                "{r:?}"
+            );
+            continue;
+        }
+        assert_eq!(s, StatusCode::OK, "{r:?}: {v}");
+        let seen = ids(&v);
+        match r {
+            Admin => {
+                for id in [&a.group_id, &a.node_id, &c.group_id, &c.node_id] {
+                    assert!(seen.contains(id), "admin sees {id}");
+                }
+            }
+            Owner => {
+                let mut want = vec![a.group_id.clone(), a.node_id.clone()];
+                want.sort();
+                assert_eq!(seen, want, "the owner sees its group's subtree only");
+            }
+            Other => assert!(!seen.contains(&a.group_id) && seen.contains(&c.node_id)),
+            _ => unreachable!(),
+        }
+    }
+
+    // Reads of the owner's group and its children.
+    for path in [format!("/api/tree/{g}"), format!("/api/tree/{g}/children")] {
+        for r in ROLES {
+            let (s, v) = call(&private, Method::GET, &path, token(r).as_deref(), None).await;
+            let want = match r {
+                Admin | Owner => StatusCode::OK,
+                Other => StatusCode::FORBIDDEN,
+                _ => StatusCode::UNAUTHORIZED,
+            };
+            assert_eq!(s, want, "{r:?} GET {path}: {v}");
+        }
+    }
+    let (_, v) = call(
+        &private,
+        Method::GET,
+        &format!("/api/tree/{g}/children"),
+        Some(&a.token),
+        None,
+    )
+    .await;
+    assert_eq!(ids(&v), vec![a.node_id.clone()]);
+
+    // Create, update, delete a child of the owner's group.
+    let mut created = Vec::new();
+    for (i, r) in ROLES.into_iter().enumerate() {
+        let body = json!({ "kind": "endpoint", "hostname": format!("made-{i}") });
+        let (s, v) = call(
+            &private,
+            Method::POST,
+            &format!("/api/tree/{g}/children"),
+            token(r).as_deref(),
+            Some(body),
+        )
+        .await;
+        match r {
+            Admin | Owner => {
+                assert_eq!(s, StatusCode::CREATED, "{r:?}: {v}");
+                assert_eq!(v["parent"], json!(g));
+                created.push((r, v["id"].as_str().expect("id").to_owned()));
+            }
+            Other => assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"), "{r:?}"),
+            _ => assert_eq!(s, StatusCode::UNAUTHORIZED, "{r:?}: {v}"),
+        }
+    }
+    let target = created[1].1.clone(); // the owner's
+    for (i, r) in ROLES.into_iter().enumerate() {
+        let body =
+            json!({ "hostname": format!("renamed-{i}"), "metadata": { "role": format!("{r:?}") } });
+        let (s, v) = call(
+            &private,
+            Method::PATCH,
+            &format!("/api/tree/{target}"),
+            token(r).as_deref(),
+            Some(body),
+        )
+        .await;
+        let want = match r {
+            Admin | Owner => StatusCode::OK,
+            Other => StatusCode::FORBIDDEN,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        assert_eq!(s, want, "{r:?} PATCH: {v}");
+        if s == StatusCode::OK {
+            assert_eq!(v["hostname"], json!(format!("renamed-{i}")));
+        }
+    }
+    for r in [Other, NoToken, Expired, Foreign, Owner] {
+        let (s, v) = call(
+            &private,
+            Method::DELETE,
+            &format!("/api/tree/{target}"),
+            token(r).as_deref(),
+            None,
+        )
+        .await;
+        let want = match r {
+            Owner => StatusCode::NO_CONTENT,
+            Other => StatusCode::FORBIDDEN,
+            _ => StatusCode::UNAUTHORIZED,
+        };
+        assert_eq!(s, want, "{r:?} DELETE: {v}");
+    }
+    let (s, _) = call(
+        &private,
+        Method::GET,
+        &format!("/api/tree/{target}"),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "deleted");
+    let (s, _) = call(
+        &private,
+        Method::DELETE,
+        &format!("/api/tree/{}", created[0].1),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+
+    // Heartbeat: each device on its own node; the admin's token names no device.
+    for r in ROLES {
+        let (s, v) = call(
+            &private,
+            Method::POST,
+            "/api/heartbeat",
+            token(r).as_deref(),
+            Some(json!({ "endpoint": "198.51.100.2:51820" })),
+        )
+        .await;
+        match r {
+            Admin => assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "no_device")),
+            Owner | Other => {
+                assert_eq!(s, StatusCode::OK, "{r:?}: {v}");
+                assert_eq!(v["changed"], true);
+            }
+            _ => assert_eq!(s, StatusCode::UNAUTHORIZED, "{r:?}: {v}"),
+        }
+    }
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/heartbeat",
+        Some(&a.token),
+        Some(json!({ "endpoint": "198.51.100.2:51820" })),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["changed"]),
+        (StatusCode::OK, &json!(false)),
+        "unchanged: no op"
+    );
+    let (_, v) = call(
+        &private,
+        Method::GET,
+        &format!("/api/tree/{}", a.node_id),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(v["endpoint"], "198.51.100.2:51820");
+
+    // Setup keys: for the owner's group.
+    let mut keys = Vec::new();
+    for r in ROLES {
+        let body = json!({ "group": g, "expires_in_secs": 3600 });
+        let (s, v) = call(
+            &private,
+            Method::POST,
+            "/api/setup-keys",
+            token(r).as_deref(),
+            Some(body),
+        )
+        .await;
+        match r {
+            Admin | Owner => {
+                assert_eq!(s, StatusCode::CREATED, "{r:?}: {v}");
+                keys.push(v["setup_key"].as_str().expect("key").to_owned());
+            }
+            Other => assert_eq!(s, StatusCode::FORBIDDEN, "{r:?}: {v}"),
+            _ => assert_eq!(s, StatusCode::UNAUTHORIZED, "{r:?}: {v}"),
+        }
+    }
+
+    // Mesh peers: B joins the owner's group with the owner's key; A and B see each other, C neither.
+    let b = joined(&public, 3, Some(&keys[1])).await;
+    assert_eq!(b.group_id, g, "the setup key's group");
+    let b_token = b.token.clone();
+    for r in ROLES {
+        let (s, v) = call(
+            &private,
+            Method::GET,
+            "/api/mesh/peers",
+            token(r).as_deref(),
+            None,
+        )
+        .await;
+        match r {
+            Admin => assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "no_device")),
+            Owner => {
+                assert_eq!(s, StatusCode::OK, "{v}");
+                let peers: Vec<&str> = v["peers"]
+                    .as_array()
+                    .expect("peers")
+                    .iter()
+                    .map(|p| p["node_id"].as_str().expect("id"))
+                    .collect();
+                assert_eq!(peers, vec![b.node_id.as_str()]);
+                assert_eq!(
+                    v["peers"][0]["allowed_ips"][0],
+                    json!(format!("{}/32", b.tunnel_ipv4))
+                );
+            }
+            Other => {
+                assert_eq!(s, StatusCode::OK, "{v}");
+                assert_eq!(v["peers"], json!([]), "C is alone in its group");
+            }
+            _ => assert_eq!(s, StatusCode::UNAUTHORIZED, "{r:?}: {v}"),
+        }
+    }
+    let (s, v) = call(
+        &private,
+        Method::GET,
+        "/api/mesh/peers",
+        Some(&b_token),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["peers"][0]["node_id"], json!(a.node_id));
+    assert_eq!(v["peers"][0]["endpoint"], "198.51.100.2:51820");
+
+    // Unknown routes and bad ids are JSON 4xx too.
+    let (s, v) = call(&private, Method::GET, "/api/nope", Some(&admin), None).await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"));
+    let (s, v) = call(&private, Method::GET, "/api/tree/zz", Some(&admin), None).await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_node_id"));
+    let (s, v) = call(&private, Method::GET, "/api/tree", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("Bearer")
+    );
+}
+
+/// A device admitted by a setup key reads its group but cannot change it, and nobody changes
+/// nodes outside their subtree, even by naming them directly.
+#[actix_web::test]
+async fn a_user_neither_reads_nor_changes_nodes_outside_its_subtree() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = api_state(dir.path(), Registration::Open);
+    let (public, private) = apps!(state);
+    let a = joined(&public, 2, None).await;
+    let c = joined(&public, 4, None).await;
+    let cg = &c.group_id;
+    for (m, path, body) in [
+        (Method::GET, format!("/api/tree/{cg}"), None),
+        (Method::GET, format!("/api/tree/{}", c.node_id), None),
+        (Method::GET, format!("/api/tree/{cg}/children"), None),
+        (
+            Method::POST,
+            format!("/api/tree/{cg}/children"),
+            Some(json!({"kind": "endpoint", "hostname": "x"})),
+        ),
+        (
+            Method::PATCH,
+            format!("/api/tree/{}", c.node_id),
+            Some(json!({"hostname": "x"})),
+        ),
+        (Method::DELETE, format!("/api/tree/{}", c.node_id), None),
+        (
+            Method::GET,
+            "/api/tree/00000000000000000000000000000000".to_owned(),
+            None,
+        ),
+        (
+            Method::POST,
+            "/api/tree/00000000000000000000000000000000/children".to_owned(),
+            Some(json!({"kind": "endpoint", "hostname": "x"})),
+        ),
+        (
+            Method::POST,
+            "/api/setup-keys".to_owned(),
+            Some(json!({"group": cg, "expires_in_secs": 60})),
+        ),
+    ] {
+        let (s, v) = call(&private, m.clone(), &path, Some(&a.token), body).await;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::FORBIDDEN, "forbidden"),
+            "{m} {path}: {v}"
+        );
+    }
+    // Nor upwards: the root, the server node.
+    let (s, _) = call(
+        &private,
+        Method::GET,
+        &format!("/api/tree/{}", "00".repeat(16)),
+        Some(&a.token),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    // The escalations the API refuses outright: a server node, someone else's key as owner.
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        &format!("/api/tree/{}/children", a.group_id),
+        Some(&a.token),
+        Some(json!({"kind": "server", "hostname": "evil"})),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_kind"));
+    let victim = NodeKey::from_seed(&[4; 32]).public().to_string();
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        &format!("/api/tree/{}/children", a.group_id),
+        Some(&a.token),
+        Some(json!({"kind": "endpoint", "hostname": "trap", "owner": victim})),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"), "{v}");
+    let (s, v) = call(
+        &private,
+        Method::PATCH,
+        &format!("/api/tree/{}", a.group_id),
+        Some(&a.token),
+        Some(json!({"metadata": {"ln:sk:00": "1:reusable"}})),
+    )
+    .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::BAD_REQUEST, "reserved_metadata")
+    );
+
+    // A setup-key device: reads its group, changes nothing but its own endpoint.
+    let (_, v) = call(
+        &private,
+        Method::POST,
+        "/api/setup-keys",
+        Some(&a.token),
+        Some(json!({"group": a.group_id, "expires_in_secs": 60, "reusable": true})),
+    )
+    .await;
+    let key = v["setup_key"].as_str().expect("key").to_owned();
+    let d = joined(&public, 6, Some(&key)).await;
+    let (s, _) = call(
+        &private,
+        Method::GET,
+        &format!("/api/tree/{}", a.group_id),
+        Some(&d.token),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    for (m, path, body) in [
+        (
+            Method::POST,
+            format!("/api/tree/{}/children", a.group_id),
+            Some(json!({"kind": "endpoint", "hostname": "x"})),
+        ),
+        (
+            Method::PATCH,
+            format!("/api/tree/{}", a.node_id),
+            Some(json!({"hostname": "x"})),
+        ),
+        (Method::DELETE, format!("/api/tree/{}", a.node_id), None),
+        (
+            Method::POST,
+            "/api/setup-keys".to_owned(),
+            Some(json!({"group": a.group_id, "expires_in_secs": 60})),
+        ),
+    ] {
+        let (s, v) = call(&private, m.clone(), &path, Some(&d.token), body).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{m} {path}: {v}");
+    }
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/heartbeat",
+        Some(&d.token),
+        Some(json!({"endpoint": "[2001:db8::1]:5"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
+
+#[actix_web::test]
+async fn setup_keys_single_use_expiry_and_target_group_under_closed_registration() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = api_state(dir.path(), Registration::Closed);
+    let (public, private) = apps!(state);
+    let admin = admin_token(&public).await;
+
+    // Closed: no key, no entry.
+    let (s, v) = join(&public, 2, None).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::FORBIDDEN, "registration_closed")
+    );
+
+    // The admin makes a group and keys for it.
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        &format!("/api/tree/{}/children", "00".repeat(16)),
+        Some(&admin),
+        Some(json!({"kind": "customer", "hostname": "acme"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let acme = v["id"].as_str().expect("id").to_owned();
+    let mk = |reusable: bool, secs: u64| json!({"group": acme, "reusable": reusable, "expires_in_secs": secs});
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/setup-keys",
+        Some(&admin),
+        Some(mk(false, 3600)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["reusable"], false);
+    let single = v["setup_key"].as_str().expect("key").to_owned();
+
+    // Single use: the first device joins acme, the second is refused, the first rejoins freely.
+    let d2 = joined(&public, 2, Some(&single)).await;
+    assert_eq!(d2.group_id, acme, "landed in the key's group");
+    let (s, v) = join(&public, 3, Some(&single)).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::FORBIDDEN, "setup_key_invalid"),
+        "used twice"
+    );
+    let again = joined(&public, 2, Some(&single)).await;
+    assert_eq!((again.node_id, again.existing), (d2.node_id.clone(), true));
+
+    // Unknown key.
+    let (s, v) = join(&public, 3, Some("lnsk_not-a-key")).await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "setup_key_invalid"));
+
+    // Reusable: two devices, same group.
+    let (_, v) = call(
+        &private,
+        Method::POST,
+        "/api/setup-keys",
+        Some(&admin),
+        Some(mk(true, 60)),
+    )
+    .await;
+    let reusable = v["setup_key"].as_str().expect("key").to_owned();
+    let d3 = joined(&public, 3, Some(&reusable)).await;
+    let d4 = joined(&public, 4, Some(&reusable)).await;
+    assert_eq!(
+        (d3.group_id.as_str(), d4.group_id.as_str()),
+        (acme.as_str(), acme.as_str())
+    );
+
+    // Wrong group: the device owner cannot make keys for acme (it only reads it), nor for a node
+    // that is not a group; bad expiry is a 400.
+    let (s, _) = call(
+        &private,
+        Method::POST,
+        "/api/setup-keys",
+        Some(&d3.token),
+        Some(mk(true, 60)),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/setup-keys",
+        Some(&admin),
+        Some(json!({"group": d3.node_id, "expires_in_secs": 60})),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "not_a_group"));
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/setup-keys",
+        Some(&admin),
+        Some(mk(true, 0)),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_expiry"));
+
+    // Expired: a minute later the reusable key is refused.
+    state.clock.advance(61_000);
+    let (s, v) = join(&public, 8, Some(&reusable)).await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "setup_key_expired"));
+}
