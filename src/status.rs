@@ -74,6 +74,10 @@ pub struct ServerStatus {
     pub role: &'static str,
     pub interface: String,
     pub backend: Option<String>,
+    /// Why the running server's `auto` backend fell back to userspace (from `GET /api/health`).
+    pub fallback_reason: Option<String>,
+    /// What the running server's `GET /api/health` said, or why it could not be asked.
+    pub health: String,
     /// Where peer names came from, or why they are missing.
     pub names: String,
     pub peers: Vec<PeerView>,
@@ -223,6 +227,10 @@ pub fn render_server(s: &ServerStatus) -> String {
         s.interface,
         s.backend.as_deref().unwrap_or("not present")
     ));
+    if let Some(r) = &s.fallback_reason {
+        o.push_str(&format!("fell back:  {r}\n"));
+    }
+    o.push_str(&format!("health:     {}\n", s.health));
     o.push_str(&format!("names:      {}\n", s.names));
     if let Some(e) = &s.device_error {
         o.push_str(&format!("device:     {e}\n"));
@@ -362,7 +370,24 @@ pub fn status_command(cfg: &Config, args: StatusArgs, out: &mut dyn std::io::Wri
             dir.display()
         );
     }
-    let ifname = args.wg_interface.unwrap_or_else(|| "ln-client".into());
+    // The running server (if any) says which backend it uses, whether it fell back, and its
+    // interface; the generated certificate in the data directory gives the pin to trust.
+    let health = rt.block_on(local_health(cfg));
+    let (health_note, fallback_reason, health_if) = match &health {
+        Ok(h) => (
+            format!(
+                "server running (backend {})",
+                h["dataplane"]["backend"].as_str().unwrap_or("?")
+            ),
+            h["dataplane"]["fallback_reason"].as_str().map(String::from),
+            h["dataplane"]["interface"].as_str().map(String::from),
+        ),
+        Err(e) => (format!("not reachable ({e:#})"), None, None),
+    };
+    let ifname = args
+        .wg_interface
+        .or(health_if)
+        .unwrap_or_else(|| "ln-client".into());
     // While `serve` runs it holds the store's lock; then the peers are shown without names.
     let (names, source) = match crate::store::Snapshot::read(&db) {
         Ok(snap) => {
@@ -382,29 +407,61 @@ pub fn status_command(cfg: &Config, args: StatusArgs, out: &mut dyn std::io::Wri
         ),
     };
     let dump = rt.block_on(dump_device(&ifname));
-    let s = match dump {
-        Ok((kind, dev)) => ServerStatus {
-            role: "server",
-            interface: ifname,
-            backend: Some(kind.to_string()),
-            names: source,
-            peers: peer_views(&dev, &names, SystemTime::now()),
-            device_error: None,
-        },
-        Err(e) => ServerStatus {
-            role: "server",
-            interface: ifname,
-            backend: None,
-            names: source,
-            peers: Vec::new(),
-            device_error: Some(e),
-        },
+    let (backend, peers, device_error) = match dump {
+        Ok((kind, dev)) => (
+            Some(kind.to_string()),
+            peer_views(&dev, &names, SystemTime::now()),
+            None,
+        ),
+        Err(e) => (None, Vec::new(), Some(e)),
+    };
+    let s = ServerStatus {
+        role: "server",
+        interface: ifname,
+        backend,
+        fallback_reason,
+        health: health_note,
+        names: source,
+        peers,
+        device_error,
     };
     if args.json {
         write_json(out, &s)
     } else {
         Ok(write!(out, "{}", render_server(&s))?)
     }
+}
+
+/// `GET /api/health` of the server on this host: its configured API address (a wildcard address
+/// is asked on loopback), trusting the generated certificate in the data directory.
+async fn local_health(cfg: &Config) -> Result<serde_json::Value> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let cert_path = cfg
+        .data_dir
+        .join("tls")
+        .join(crate::tls::GENERATED_CERT_FILE);
+    let leaf = CertificateDer::pem_file_iter(&cert_path)
+        .with_context(|| format!("no generated certificate {}", cert_path.display()))?
+        .next()
+        .with_context(|| format!("{} holds no certificate", cert_path.display()))?
+        .with_context(|| format!("{} is not valid PEM", cert_path.display()))?;
+    let mut addr = cfg.listen.api;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let url = crate::tls::JoinUrl {
+        host: addr.ip().to_string(),
+        port: addr.port(),
+        pin: crate::tls::Pin::of(&leaf),
+    };
+    let client = crate::api::client::PinnedClient::new(url)?;
+    tokio::time::timeout(Duration::from_secs(5), client.get("/api/health"))
+        .await
+        .context("no answer within 5 s")??
+        .json()
 }
 
 fn write_json<T: Serialize>(out: &mut dyn std::io::Write, v: &T) -> Result<()> {
@@ -486,6 +543,8 @@ mod tests {
             role: "server",
             interface: "ln-client".into(),
             backend: Some("userspace".into()),
+            fallback_reason: Some("no kernel WireGuard".into()),
+            health: "server running (backend userspace)".into(),
             names: "from the state store".into(),
             peers,
             device_error: None,
@@ -498,6 +557,7 @@ mod tests {
         assert!(row.contains("1.5 KiB"), "{row}");
         assert!(text.contains("never"), "{text}");
         assert!(text.contains("ln-client (userspace)"), "{text}");
+        assert!(text.contains("fell back:  no kernel WireGuard"), "{text}");
         let json = serde_json::to_value(&s).expect("json");
         assert_eq!(json["peers"][1]["name"], "laptop");
         assert_eq!(json["peers"][1]["handshake_age_secs"], 75);

@@ -231,20 +231,23 @@ fn agent_status_drift_restart_and_leave() {
     assert!(s["server_peer"]["rx_bytes"].as_u64().expect("rx") > 0);
     assert!(s["server_peer"]["tx_bytes"].as_u64().expect("tx") > 0);
 
-    // status on the server while it serves: the client's peer, recent handshake, its endpoint.
+    // status on the server while it serves: the running server's health names its backend and
+    // interface (no --wg-interface needed); the client's peer, recent handshake, its endpoint.
     let mut c = server_cmd(&srv, dir);
     c.args([
+        "--listen-api",
+        &format!("{SRV_UNDERLAY}:9100"),
         "--log-level",
         "error",
         "status",
-        "--wg-interface",
-        &sif,
         "--json",
     ]);
     let out = must(&mut c);
     let v: serde_json::Value = serde_json::from_str(&out).expect("server status json");
     assert_eq!(v["role"], "server");
     assert_eq!(v["backend"], "userspace");
+    assert_eq!(v["interface"], sif.as_str(), "{v:#}");
+    assert_eq!(v["health"], "server running (backend userspace)", "{v:#}");
     let row = server_row(&v, &joined.tunnel_ipv4);
     assert!(
         row["handshake_age_secs"].as_u64().is_some_and(|a| a < 60),
@@ -332,5 +335,11 @@ fn agent_status_drift_restart_and_leave() {
     ]);
     let v: serde_json::Value = serde_json::from_str(&must(&mut c)).expect("json");
     assert_eq!(v["names"], "from the state store");
+    assert!(
+        v["health"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("not reachable")),
+        "{v:#}"
+    );
     assert_eq!(server_row(&v, &joined.tunnel_ipv4)["name"], "laptop");
 }
