@@ -20,11 +20,8 @@ pub fn net(s: &str) -> IpNet {
 
 pub fn peer(i: u32, ips: &[&str]) -> PeerConfig {
     PeerConfig {
-        public_key: key(i),
-        preshared_key: None,
-        endpoint: None,
-        persistent_keepalive: None,
         allowed_ips: ips.iter().map(|s| net(s)).collect(),
+        ..PeerConfig::new(key(i))
     }
 }
 

@@ -217,11 +217,8 @@ impl KernelBackend {
             .map_err(|_| KernelError::Unavailable("probe".into()))?;
         let add = DeviceDiff {
             peers: vec![PeerChange::Add(PeerConfig {
-                public_key: key,
-                preshared_key: None,
-                endpoint: None,
-                persistent_keepalive: None,
                 allowed_ips: vec![a, b],
+                ..PeerConfig::new(key)
             })],
             ..Default::default()
         };
