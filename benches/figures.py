@@ -435,34 +435,27 @@ BENCHMARKS: list[Bench] = [
             "(goal: flat in N, under 2 ms at 50,000)."
         ),
         figures=[
-            *series(
-                "netlink_setconf.userspace_program",
-                PEER_NS,
-                label="Program N peers, userspace backend (wireguard-go)",
-                unit="ms",
-                better="lower",
-                source=lambda n: summary_row("netlink_setconf", "rows", {"backend": "userspace", "peers": n}, "ours_ms"),
-                reference=lambda n: Reference(
-                    "wg setconf", summary_row("netlink_setconf", "rows", {"backend": "userspace", "peers": n}, "wg_setconf_ms"), "ms"
-                ),
-                goal=Goal("ratio", "<=", 1.0, "≤ 1.0× wg setconf"),
-                ratio_label="of the wg setconf time",
-                n_label="peers (N)",
-            ),
-            *series(
-                "netlink_setconf.kernel_program",
-                PEER_NS,
-                label="Program N peers, kernel backend (User-Mode Linux)",
-                unit="ms",
-                better="lower",
-                source=lambda n: summary_row("netlink_setconf", "rows", {"backend": "kernel", "peers": n}, "ours_ms"),
-                reference=lambda n: Reference(
-                    "wg setconf", summary_row("netlink_setconf", "rows", {"backend": "kernel", "peers": n}, "wg_setconf_ms"), "ms"
-                ),
-                goal=Goal("ratio", "<=", 1.0, "≤ 1.0× wg setconf"),
-                ratio_label="of the wg setconf time",
-                n_label="peers (N)",
-            ),
+            *[
+                fig
+                for backend, what in (
+                    ("userspace", "userspace backend (wireguard-go)"),
+                    ("kernel", "kernel backend (User-Mode Linux)"),
+                )
+                for fig in series(
+                    f"netlink_setconf.{backend}_program",
+                    PEER_NS,
+                    label=f"Program N peers, {what}",
+                    unit="ms",
+                    better="lower",
+                    source=lambda n, b=backend: summary_row("netlink_setconf", "rows", {"backend": b, "peers": n}, "ours_ms"),
+                    reference=lambda n, b=backend: Reference(
+                        "wg setconf", summary_row("netlink_setconf", "rows", {"backend": b, "peers": n}, "wg_setconf_ms"), "ms"
+                    ),
+                    goal=Goal("ratio", "<=", 1.0, "≤ 1.0× wg setconf"),
+                    ratio_label="of the wg setconf time",
+                    n_label="peers (N)",
+                )
+            ],
             *[
                 fig
                 for backend, what in (("userspace", "userspace backend"), ("kernel", "kernel backend (UML)"))
