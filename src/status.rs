@@ -350,12 +350,18 @@ pub fn status_command(cfg: &Config, args: StatusArgs, out: &mut dyn std::io::Wri
         )
         .with_context(|| format!("{} is not a join answer", join_path.display()))?;
         let agent = read_agent_state(dir)?;
+        let no_dataplane =
+            args.wg_interface.is_none() && agent.as_ref().is_some_and(|a| a.interface.is_none());
         let ifname = args
             .wg_interface
             .clone()
             .or_else(|| agent.as_ref().and_then(|a| a.interface.clone()))
             .unwrap_or_else(|| "ln-wg".into());
-        let dump = rt.block_on(dump_device(&ifname));
+        let dump = if no_dataplane {
+            Err("joined with --no-dataplane: no local interface".into())
+        } else {
+            rt.block_on(dump_device(&ifname))
+        };
         let s = client_status(&answer, agent.as_ref(), &ifname, dump, SystemTime::now());
         return if args.json {
             write_json(out, &s)
@@ -505,6 +511,80 @@ mod tests {
             ],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn status_and_leave_in_an_empty_directory_say_so() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let cfg = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        let args = StatusArgs {
+            json: false,
+            wg_interface: None,
+        };
+        let e = status_command(&cfg, args, &mut Vec::new()).expect_err("nothing there");
+        assert!(format!("{e:#}").contains("neither a join state"), "{e:#}");
+
+        let mut out = Vec::new();
+        crate::api::client::leave_command(
+            &cfg,
+            crate::api::client::LeaveArgs { wg_interface: None },
+            &mut out,
+        )
+        .expect("leave when not joined is not an error");
+        assert!(String::from_utf8_lossy(&out).contains("not joined"));
+    }
+
+    #[test]
+    fn a_no_dataplane_join_reads_back_without_a_device() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let cfg = Config {
+            data_dir: dir.path().to_owned(),
+            ..Config::default()
+        };
+        std::fs::write(
+            join_state_path(dir.path()),
+            serde_json::to_vec(&answer()).expect("json"),
+        )
+        .expect("write");
+        let agent = AgentState {
+            server: "192.0.2.7:9100".into(),
+            interface: None,
+        };
+        std::fs::write(
+            agent_state_path(dir.path()),
+            serde_json::to_vec(&agent).expect("json"),
+        )
+        .expect("write");
+        let mut out = Vec::new();
+        let args = StatusArgs {
+            json: true,
+            wg_interface: None,
+        };
+        status_command(&cfg, args, &mut out).expect("status");
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(v["role"], "client");
+        assert_eq!(v["tunnel_ipv4"], "10.64.3.17");
+        assert_eq!(v["server"], "192.0.2.7:9100");
+        assert!(
+            v["device_error"]
+                .as_str()
+                .expect("error")
+                .contains("--no-dataplane")
+        );
+
+        // leave removes both files and touches no device.
+        let mut out = Vec::new();
+        crate::api::client::leave_command(
+            &cfg,
+            crate::api::client::LeaveArgs { wg_interface: None },
+            &mut out,
+        )
+        .expect("leave");
+        assert!(!join_state_path(dir.path()).exists());
+        assert!(!agent_state_path(dir.path()).exists());
     }
 
     #[test]
