@@ -2,7 +2,7 @@
 //! `wg_set_device` and `set_peer`, and `allowedips.c`), applied to messages decoded back from
 //! bytes. Tests use it to check that what the encoder sends does what the diff meant.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
 use netlink_packet_generic::GenlMessage;
@@ -11,6 +11,7 @@ use netlink_packet_wireguard::{
     WireguardDeviceFlags, WireguardMessage, WireguardPeerAttribute, WireguardPeerFlags,
 };
 
+use crate::diff::canonical_allowed_ips;
 use crate::model::{DeviceState, IpNet, Key, PeerState, PrivateKey};
 
 /// Decodes one serialized netlink message back into its wireguard payload.
@@ -201,8 +202,7 @@ pub fn canonical(state: &DeviceState) -> DeviceState {
     let mut s = state.clone();
     s.peers.sort_by_key(|p| p.config.public_key);
     for p in &mut s.peers {
-        let set: BTreeSet<IpNet> = p.config.allowed_ips.iter().map(IpNet::trunc).collect();
-        p.config.allowed_ips = set.into_iter().collect();
+        p.config.allowed_ips = canonical_allowed_ips(&p.config.allowed_ips);
     }
     s
 }
