@@ -405,11 +405,15 @@ pub fn status_command(cfg: &Config, args: StatusArgs, out: &mut dyn std::io::Wri
                 .collect();
             (names, "from the state store".to_owned())
         }
+        // The running server holds the store's lock: say so plainly rather than the raw error.
+        Err(_) if health.is_ok() => (
+            HashMap::new(),
+            "unavailable while the server runs (it holds the state store's lock); rows show keys"
+                .to_owned(),
+        ),
         Err(e) => (
             HashMap::new(),
-            format!(
-                "unavailable (state store not readable, probably held by the running server: {e})"
-            ),
+            format!("unavailable (state store not readable: {e})"),
         ),
     };
     let dump = rt.block_on(dump_device(&ifname));
