@@ -518,6 +518,20 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
         _ => None,
     };
 
+    // The private API listens on the tunnel (gateway) address only, never on 0.0.0.0: only
+    // enrolled devices reach it, through the tunnel. Without a dataplane there is no tunnel, so
+    // no private API. (IPv4 only: the IPv6 gateway address may still be tentative here.)
+    let private_listener = match &plane {
+        Some(_) => {
+            let addr =
+                std::net::SocketAddr::from((ipam.address_of(1).v4, cfg.listen.private_api_port));
+            let l = TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} (private API)"))?;
+            Some(l)
+        }
+        None => None,
+    };
+    let private_addr = private_listener.as_ref().and_then(|l| l.local_addr().ok());
     let tls_cfg = tls::server_config(&cert)?;
     let (handle_tx, handle_rx) = std::sync::mpsc::channel();
     let api_state = state.clone();
@@ -533,10 +547,34 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
                     .workers(2)
                     .disable_signals()
                     .shutdown_timeout(5)
-                    .listen_rustls_0_23(listener, tls_cfg)?
+                    .listen_rustls_0_23(listener, tls_cfg.clone())?
                     .run();
-                    let _ = handle_tx.send(server.handle());
-                    server.await?;
+                    let private = match private_listener {
+                        Some(l) => {
+                            let st = api_state.clone();
+                            Some(
+                                actix_web::HttpServer::new(move || {
+                                    actix_web::App::new()
+                                        .configure(api::private::routes(st.clone()))
+                                })
+                                .workers(1)
+                                .disable_signals()
+                                .shutdown_timeout(5)
+                                .listen_rustls_0_23(l, tls_cfg)?
+                                .run(),
+                            )
+                        }
+                        None => None,
+                    };
+                    let _ = handle_tx.send((server.handle(), private.as_ref().map(|p| p.handle())));
+                    match private {
+                        Some(p) => {
+                            let (a, b) = tokio::join!(server, p);
+                            a?;
+                            b?;
+                        }
+                        None => server.await?,
+                    }
                     Ok(())
                 })
             })?;
@@ -583,6 +621,10 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
             .unwrap_or_default()
     )?;
     writeln!(out, "public API:     https://{bound}")?;
+    match private_addr {
+        Some(a) => writeln!(out, "private API:    https://{a} (tunnel only)")?,
+        None => writeln!(out, "private API:    off (no dataplane, no tunnel)")?,
+    }
     writeln!(out, "TLS pin:        {}", cert.pin)?;
     writeln!(out, "join URL:       {url}")?;
     out.flush()?;
@@ -600,6 +642,10 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
         None => signals.recv().await,
     }
     tracing::info!("shutting down: API stops, the WireGuard device stays up");
+    let (handle, private_handle) = handle;
+    if let Some(p) = private_handle {
+        p.stop(true).await;
+    }
     handle.stop(true).await;
     let served = match http_thread.join() {
         Ok(r) => r,

@@ -770,3 +770,89 @@ async fn setup_keys_single_use_expiry_and_target_group_under_closed_registration
     let (s, v) = join(&public, 8, Some(&reusable)).await;
     assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "setup_key_expired"));
 }
+
+/// One HTTPS request with a bearer token over a pinned TLS connection; returns the status line's
+/// code and the body.
+async fn https(port: u16, pin: lemonade_nexus::tls::Pin, token: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cfg = lemonade_nexus::tls::pinned_client_config(pin).expect("client config");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req =
+        format!("GET /api/tree HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{auth}\r\n");
+    tls.write_all(req.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {text}"));
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or_default().to_owned();
+    (code, body)
+}
+
+/// The private routes over a real TLS listener with the server's certificate (here on
+/// 127.0.0.1:0: no tunnel exists in this test; `serve` binds the tunnel address).
+#[core::prelude::v1::test]
+fn the_private_api_over_real_tls_needs_a_bearer_token() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = api_state(dir.path(), Registration::Open);
+    let cert = lemonade_nexus::tls::load_or_generate(None, None, dir.path(), &["localhost".into()])
+        .expect("cert");
+    let tls_cfg = lemonade_nexus::tls::server_config(&cert).expect("tls config");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let st = state.clone();
+    let server_thread = std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let srv = actix_web::HttpServer::new(move || {
+                App::new().configure(api::private::routes(st.clone()))
+            })
+            .workers(1)
+            .disable_signals()
+            .listen_rustls_0_23(listener, tls_cfg)
+            .expect("listen")
+            .run();
+            tx.send(srv.handle()).expect("send handle");
+            srv.await.expect("server");
+        })
+    });
+    let handle = rx.recv().expect("server started");
+    // A device joins in-process (same state), then talks HTTPS to the private listener.
+    let sys = actix_web::rt::System::new();
+    let token = sys.block_on(async {
+        let public = test::init_service(App::new().configure(api::public(state.clone()))).await;
+        joined(&public, 2, None).await.token
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    rt.block_on(async {
+        let (code, body) = https(port, cert.pin, Some(&token)).await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).expect("json")["nodes"]
+                .as_array()
+                .expect("nodes")
+                .len(),
+            2,
+            "its group and its device"
+        );
+        let (code, body) = https(port, cert.pin, None).await;
+        assert_eq!(code, 401, "{body}");
+        assert!(body.contains("\"unauthorized\""), "{body}");
+    });
+    rt.block_on(handle.stop(true));
+    server_thread.join().expect("server thread");
+}
