@@ -311,8 +311,12 @@ pub fn canonical_allowed_ips(ips: &[IpNet]) -> Vec<IpNet> {
     if canonical {
         return ips.to_vec();
     }
-    let set: BTreeSet<IpNet> = ips.iter().map(IpNet::trunc).collect();
-    set.into_iter().collect()
+    prefix_set(ips).into_iter().collect()
+}
+
+/// The prefixes of an allowed-IP list as a set, host bits cleared (how the kernel keys them).
+fn prefix_set(ips: &[IpNet]) -> BTreeSet<IpNet> {
+    ips.iter().map(IpNet::trunc).collect()
 }
 
 /// Whether two allowed-IP lists hold the same prefixes (as sets, host bits cleared). Mesh peers
@@ -323,8 +327,8 @@ fn same_prefixes(a: &[IpNet], b: &[IpNet]) -> bool {
             |x: &[IpNet], y: &[IpNet]| x.iter().all(|p| y.iter().any(|q| q.trunc() == p.trunc()));
         return covered(a, b) && covered(b, a);
     }
-    let a: BTreeSet<IpNet> = a.iter().map(IpNet::trunc).collect();
-    let b: BTreeSet<IpNet> = b.iter().map(IpNet::trunc).collect();
+    let a = prefix_set(a);
+    let b = prefix_set(b);
     a == b
 }
 
@@ -369,8 +373,8 @@ fn peer_update(have: &PeerConfig, want: &PeerConfig, caps: Capabilities) -> Opti
         update.persistent_keepalive = Some(keepalive(want.persistent_keepalive));
     }
     if !same_prefixes(&have.allowed_ips, &want.allowed_ips) {
-        let have_ips: BTreeSet<IpNet> = have.allowed_ips.iter().map(IpNet::trunc).collect();
-        let want_ips: BTreeSet<IpNet> = want.allowed_ips.iter().map(IpNet::trunc).collect();
+        let have_ips = prefix_set(&have.allowed_ips);
+        let want_ips = prefix_set(&want.allowed_ips);
         let remove: Vec<IpNet> = have_ips.difference(&want_ips).copied().collect();
         let add: Vec<IpNet> = want_ips.difference(&have_ips).copied().collect();
         update.allowed_ips = if remove.is_empty() || caps.allowed_ip_removal {
@@ -437,7 +441,7 @@ pub fn apply(actual: &DeviceState, diff: &DeviceDiff) -> DeviceState {
                 match &u.allowed_ips {
                     AllowedIpsChange::Unchanged => {}
                     AllowedIpsChange::Incremental { remove, add } => {
-                        let remove: BTreeSet<IpNet> = remove.iter().map(IpNet::trunc).collect();
+                        let remove = prefix_set(remove);
                         cfg.allowed_ips.retain(|n| !remove.contains(&n.trunc()));
                         add_allowed_ips(&mut state, idx, add);
                     }
@@ -463,7 +467,7 @@ fn peer_index_or_insert(state: &mut DeviceState, key: &Key) -> usize {
 /// Adds prefixes to peer `idx`, moving each away from any other peer that had it (what the
 /// kernel's allowedips trie does).
 fn add_allowed_ips(state: &mut DeviceState, idx: usize, ips: &[IpNet]) {
-    let add: BTreeSet<IpNet> = ips.iter().map(IpNet::trunc).collect();
+    let add = prefix_set(ips);
     if add.is_empty() {
         return;
     }
@@ -475,7 +479,7 @@ fn add_allowed_ips(state: &mut DeviceState, idx: usize, ips: &[IpNet]) {
         }
     }
     let cfg = &mut state.peers[idx].config;
-    let mut all: BTreeSet<IpNet> = cfg.allowed_ips.iter().map(IpNet::trunc).collect();
+    let mut all = prefix_set(&cfg.allowed_ips);
     all.extend(add);
     cfg.allowed_ips = all.into_iter().collect();
 }
