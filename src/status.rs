@@ -708,4 +708,21 @@ mod tests {
         assert!(s.server_peer.is_none());
         assert!(s.device_error.expect("error").contains("server peer"));
     }
+
+    proptest::proptest! {
+        /// Any age or size renders without panicking; an age renders as "never" only when
+        /// there was no handshake, and a later `now` never gives a smaller age.
+        #[test]
+        fn formatting_is_total_and_ages_grow(secs in 0u64..u64::MAX / 4, later in 0u64..1_000_000,
+                                             shake in proptest::option::of(0u64..2_000_000_000), n: u64) {
+            let now = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+            let last = shake.map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+            let a = handshake_age(last, now);
+            let b = handshake_age(last, now + Duration::from_secs(later));
+            proptest::prop_assert_eq!(a.is_none(), shake.is_none());
+            proptest::prop_assert!(b >= a);
+            proptest::prop_assert_eq!(format_age(a) == "never", a.is_none());
+            proptest::prop_assert!(!format_bytes(n).is_empty());
+        }
+    }
 }
