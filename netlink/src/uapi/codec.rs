@@ -151,6 +151,24 @@ impl SetWriter {
         self
     }
 
+    /// The device lines for whichever of the three fields is set.
+    fn device_fields(
+        &mut self,
+        private_key: Option<&PrivateKey>,
+        listen_port: Option<u16>,
+        fwmark: Option<u32>,
+    ) {
+        if let Some(key) = private_key {
+            self.private_key(key);
+        }
+        if let Some(port) = listen_port {
+            self.listen_port(port);
+        }
+        if let Some(mark) = fwmark {
+            self.fwmark(mark);
+        }
+    }
+
     /// `public_key=`: starts (or creates) the peer that the following peer lines apply to.
     pub fn peer(&mut self, key: &Key) -> &mut Self {
         self.section = Section::Peer;
@@ -256,15 +274,11 @@ impl SetWriter {
 /// started one). Device fields first, then every peer as new.
 pub fn encode_config(config: &DeviceConfig) -> String {
     let mut w = SetWriter::with_capacity_for(config.peers.len());
-    if let Some(key) = &config.private_key {
-        w.private_key(key);
-    }
-    if let Some(port) = config.listen_port {
-        w.listen_port(port);
-    }
-    if let Some(mark) = config.fwmark {
-        w.fwmark(mark);
-    }
+    w.device_fields(
+        config.private_key.as_ref(),
+        config.listen_port,
+        config.fwmark,
+    );
     for peer in &config.peers {
         w.full_peer(peer, false);
     }
@@ -277,15 +291,7 @@ pub fn encode_config(config: &DeviceConfig) -> String {
 /// empty request ([`SetWriter::is_empty`]).
 pub fn encode_diff(diff: &DeviceDiff) -> SetWriter {
     let mut w = SetWriter::with_capacity_for(diff.peers.len());
-    if let Some(key) = &diff.private_key {
-        w.private_key(key);
-    }
-    if let Some(port) = diff.listen_port {
-        w.listen_port(port);
-    }
-    if let Some(mark) = diff.fwmark {
-        w.fwmark(mark);
-    }
+    w.device_fields(diff.private_key.as_ref(), diff.listen_port, diff.fwmark);
     for change in &diff.peers {
         match change {
             PeerChange::Remove(key) => {
