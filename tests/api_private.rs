@@ -856,3 +856,45 @@ fn the_private_api_over_real_tls_needs_a_bearer_token() {
     rt.block_on(handle.stop(true));
     server_thread.join().expect("server thread");
 }
+
+/// The committed OpenAPI document of the private API is the one the code generates (regenerate:
+/// `LN_UPDATE_OPENAPI=1 cargo test --test api_private openapi`), and the private listener serves it.
+#[actix_web::test]
+async fn the_committed_private_openapi_document_matches_the_code() {
+    let generated = api::private::openapi_document();
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data-schema/openapi-private.json"
+    );
+    if std::env::var_os("LN_UPDATE_OPENAPI").is_some() {
+        std::fs::write(path, &generated).expect("write the document");
+    }
+    let committed = std::fs::read_to_string(path)
+        .expect("data-schema/openapi-private.json (create it with LN_UPDATE_OPENAPI=1)");
+    assert!(
+        committed == generated,
+        "data-schema/openapi-private.json differs from the code; regenerate it with LN_UPDATE_OPENAPI=1 cargo test --test api_private openapi"
+    );
+    let doc: Value = serde_json::from_str(&generated).expect("json");
+    assert!(doc["openapi"].as_str().expect("version").starts_with("3.1"));
+    for route in [
+        "/api/tree",
+        "/api/tree/{id}",
+        "/api/tree/{id}/children",
+        "/api/heartbeat",
+        "/api/mesh/peers",
+        "/api/setup-keys",
+    ] {
+        assert!(doc["paths"][route].is_object(), "{route} documented");
+    }
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = api_state(dir.path(), Registration::Open);
+    let (_, private) = apps!(state);
+    let (s, v) = call(&private, Method::GET, "/api/openapi.json", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v, doc);
+}

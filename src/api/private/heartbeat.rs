@@ -10,20 +10,34 @@ use crate::api::{ApiError, ApiState};
 use crate::op::OpBody;
 use crate::tree::{NodeField, Permission, TreeOp};
 
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatBody {
     /// The device's public endpoint, `ip:port`.
     pub endpoint: String,
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct HeartbeatResponse {
     pub node_id: String,
     /// True when the endpoint changed (and an op was appended).
     pub changed: bool,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/heartbeat",
+    operation_id = "heartbeat",
+    tag = "private",
+    security(("bearer" = [])),
+    request_body = HeartbeatBody,
+    responses(
+        (status = 200, description = "Recorded", body = HeartbeatResponse),
+        (status = 400, description = "Bad input", body = crate::api::ErrorBody),
+        (status = 401, description = "Missing, expired or foreign token", body = crate::api::ErrorBody),
+        (status = 403, description = "The caller lacks the permission", body = crate::api::ErrorBody),
+    )
+)]
 pub async fn post(
     state: web::Data<ApiState>,
     caller: Caller,

@@ -11,7 +11,7 @@ use crate::api::{ApiError, ApiState};
 use crate::tree::{NodeId, NodeKind, Permission};
 
 /// One peer a device may program.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Peer {
     pub node_id: String,
     pub hostname: String,
@@ -22,12 +22,24 @@ pub struct Peer {
     pub allowed_ips: Vec<String>,
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct PeersResponse {
     pub group_id: String,
     pub peers: Vec<Peer>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/mesh/peers",
+    tag = "private",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The peers of the caller's group", body = PeersResponse),
+        (status = 400, description = "Bad input", body = crate::api::ErrorBody),
+        (status = 401, description = "Missing, expired or foreign token", body = crate::api::ErrorBody),
+        (status = 403, description = "The caller lacks the permission", body = crate::api::ErrorBody),
+    )
+)]
 pub async fn get_peers(
     state: web::Data<ApiState>,
     caller: Caller,

@@ -141,6 +141,59 @@ async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
     ))
 }
 
+/// Declares the bearer-token security scheme the private routes name.
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let scheme = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build();
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
+/// The OpenAPI 3.1 document of the private API, generated from the handlers and types
+/// (committed as `data-schema/openapi-private.json`; a test fails when the two drift apart).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "Lemonade Nexus private API",
+        description = "Served on the server's tunnel address only. Every route needs Authorization: Bearer <token> and names one permission. Errors are {\"error\": {\"code\", \"message\"}}."
+    ),
+    paths(
+        tree::get_visible,
+        tree::get_node,
+        tree::get_children,
+        tree::post_child,
+        tree::patch_node,
+        tree::delete_node,
+        heartbeat::post,
+        mesh::get_peers,
+        setup_keys::post
+    ),
+    components(schemas(super::ErrorBody, super::ErrorDetail)),
+    modifiers(&BearerScheme)
+)]
+pub struct PrivateApiDoc;
+
+/// The document as pretty JSON (what is committed).
+pub fn openapi_document() -> String {
+    use utoipa::OpenApi;
+    let mut doc = PrivateApiDoc::openapi();
+    doc.info.version = "1".into();
+    doc.to_pretty_json().unwrap_or_default() + "\n"
+}
+
+/// `GET /api/openapi.json` on the private listener: this document (no token needed: it is public
+/// knowledge, and reachable only through the tunnel anyway).
+async fn openapi_json() -> actix_web::HttpResponse {
+    actix_web::HttpResponse::Ok()
+        .content_type("application/json")
+        .body(openapi_document())
+}
+
 /// Registers the private API on an actix app: `App::new().configure(api::private::routes(state))`.
 pub fn routes(state: Arc<ApiState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
@@ -162,6 +215,7 @@ pub fn routes(state: Arc<ApiState>) -> impl FnOnce(&mut web::ServiceConfig) {
                     .route("/api/heartbeat", web::post().to(heartbeat::post))
                     .route("/api/mesh/peers", web::get().to(mesh::get_peers))
                     .route("/api/setup-keys", web::post().to(setup_keys::post))
+                    .route("/api/openapi.json", web::get().to(openapi_json))
                     .default_service(web::to(not_found)),
             );
     }

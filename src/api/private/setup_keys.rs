@@ -159,7 +159,7 @@ pub fn plan_join_with_key(
 }
 
 /// `POST /api/setup-keys` body.
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKeyBody {
     /// The group devices joining with the key land in.
@@ -171,7 +171,7 @@ pub struct CreateKeyBody {
     pub expires_in_secs: u64,
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct CreateKeyResponse {
     /// The secret: shown once, never stored.
     pub setup_key: String,
@@ -181,6 +181,21 @@ pub struct CreateKeyResponse {
 }
 
 /// `POST /api/setup-keys`. Permission: add_child, on the target group.
+#[utoipa::path(
+    post,
+    path = "/api/setup-keys",
+    operation_id = "create_setup_key",
+    tag = "private",
+    security(("bearer" = [])),
+    request_body = CreateKeyBody,
+    responses(
+        (status = 201, description = "Created; the secret is shown once", body = CreateKeyResponse),
+        (status = 400, description = "Bad input", body = crate::api::ErrorBody),
+        (status = 401, description = "Missing, expired or foreign token", body = crate::api::ErrorBody),
+        (status = 403, description = "The caller lacks the permission", body = crate::api::ErrorBody),
+        (status = 404, description = "No such node", body = crate::api::ErrorBody),
+    )
+)]
 pub async fn post(
     state: web::Data<ApiState>,
     caller: Caller,

@@ -16,10 +16,12 @@ use crate::op::OpBody;
 use crate::tree::{Node, NodeField, NodeId, NodeKind, Permission, Tree, TreeOp, WgKey};
 
 /// A node as the API shows it.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, utoipa::ToSchema)]
 pub struct NodeView {
     pub id: String,
     pub parent: Option<String>,
+    /// `root`, `customer`, `endpoint`, `relay` or `server`.
+    #[schema(value_type = String)]
     pub kind: NodeKind,
     pub hostname: String,
     pub owner: Option<String>,
@@ -48,6 +50,12 @@ impl NodeView {
     }
 }
 
+/// A list of nodes.
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
+pub struct NodesResponse {
+    pub nodes: Vec<NodeView>,
+}
+
 /// The nodes `caller` may read (the subtrees under its grants), in id order.
 pub fn visible(tree: &Tree, caller: &Caller) -> Vec<NodeId> {
     tree.nodes()
@@ -57,6 +65,16 @@ pub fn visible(tree: &Tree, caller: &Caller) -> Vec<NodeId> {
 }
 
 /// `GET /api/tree`: every node the caller may read. Permission: read, on each node.
+#[utoipa::path(
+    get,
+    path = "/api/tree",
+    tag = "private",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The nodes the caller may read", body = NodesResponse),
+        (status = 401, description = "Missing, expired or foreign token", body = crate::api::ErrorBody),
+    )
+)]
 pub async fn get_visible(state: web::Data<ApiState>, caller: Caller) -> HttpResponse {
     let store = state.lock_store();
     let (tree, ipam) = (store.state().tree(), store.state().ipam());
@@ -65,10 +83,24 @@ pub async fn get_visible(state: web::Data<ApiState>, caller: Caller) -> HttpResp
         .filter_map(|id| tree.get(id))
         .map(|n| NodeView::of(n, ipam))
         .collect();
-    HttpResponse::Ok().json(serde_json::json!({ "nodes": nodes }))
+    HttpResponse::Ok().json(NodesResponse { nodes })
 }
 
 /// `GET /api/tree/{id}`. Permission: read, on the node.
+#[utoipa::path(
+    get,
+    path = "/api/tree/{id}",
+    tag = "private",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "node id, 32 hex digits")),
+    responses(
+        (status = 200, description = "The node", body = NodeView),
+        (status = 400, description = "Bad input", body = crate::api::ErrorBody),
+        (status = 401, description = "Missing, expired or foreign token", body = crate::api::ErrorBody),
+        (status = 403, description = "The caller lacks the permission", body = crate::api::ErrorBody),
+        (status = 404, description = "No such node", body = crate::api::ErrorBody),
+    )
+)]
 pub async fn get_node(
     state: web::Data<ApiState>,
     caller: Caller,
@@ -85,6 +117,20 @@ pub async fn get_node(
 }
 
 /// `GET /api/tree/{id}/children`. Permission: read, on the node.
+#[utoipa::path(
+    get,
+    path = "/api/tree/{id}/children",
+    tag = "private",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "node id, 32 hex digits")),
+    responses(
+        (status = 200, description = "Its children", body = NodesResponse),
+        (status = 400, description = "Bad input", body = crate::api::ErrorBody),
+        (status = 401, description = "Missing, expired or foreign token", body = crate::api::ErrorBody),
+        (status = 403, description = "The caller lacks the permission", body = crate::api::ErrorBody),
+        (status = 404, description = "No such node", body = crate::api::ErrorBody),
+    )
+)]
 pub async fn get_children(
     state: web::Data<ApiState>,
     caller: Caller,
@@ -96,14 +142,15 @@ pub async fn get_children(
     require(tree, &caller, Permission::Read, id)?;
     let ipam = store.state().ipam();
     let nodes: Vec<NodeView> = tree.children(&id).map(|n| NodeView::of(n, ipam)).collect();
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "nodes": nodes })))
+    Ok(HttpResponse::Ok().json(NodesResponse { nodes }))
 }
 
 /// `POST /api/tree/{id}/children` body.
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBody {
     /// `customer`, `endpoint` or `relay` (servers join the cluster, they are not created here).
+    #[schema(value_type = String)]
     pub kind: NodeKind,
     pub hostname: String,
     /// The node's owner key (base64). Naming another key than one's own needs admin on the
@@ -114,6 +161,22 @@ pub struct CreateBody {
 }
 
 /// `POST /api/tree/{id}/children`: creates a node. Permission: add_child, on the parent.
+#[utoipa::path(
+    post,
+    path = "/api/tree/{id}/children",
+    tag = "private",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "node id, 32 hex digits")),
+    request_body = CreateBody,
+    responses(
+        (status = 201, description = "Created", body = NodeView),
+        (status = 400, description = "Bad input", body = crate::api::ErrorBody),
+        (status = 401, description = "Missing, expired or foreign token", body = crate::api::ErrorBody),
+        (status = 403, description = "The caller lacks the permission", body = crate::api::ErrorBody),
+        (status = 404, description = "No such node", body = crate::api::ErrorBody),
+        (status = 409, description = "Refused by the state", body = crate::api::ErrorBody),
+    )
+)]
 pub async fn post_child(
     state: web::Data<ApiState>,
     caller: Caller,
@@ -196,7 +259,7 @@ pub async fn post_child(
 }
 
 /// `PATCH /api/tree/{id}` body: the fields to change (absent = unchanged).
-#[derive(Deserialize, Debug)]
+#[derive(Deserialize, Debug, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchBody {
     pub hostname: Option<String>,
@@ -206,6 +269,22 @@ pub struct PatchBody {
 }
 
 /// `PATCH /api/tree/{id}`: updates the hostname and metadata. Permission: edit_node, on the node.
+#[utoipa::path(
+    patch,
+    path = "/api/tree/{id}",
+    tag = "private",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "node id, 32 hex digits")),
+    request_body = PatchBody,
+    responses(
+        (status = 200, description = "Updated", body = NodeView),
+        (status = 400, description = "Bad input", body = crate::api::ErrorBody),
+        (status = 401, description = "Missing, expired or foreign token", body = crate::api::ErrorBody),
+        (status = 403, description = "The caller lacks the permission", body = crate::api::ErrorBody),
+        (status = 404, description = "No such node", body = crate::api::ErrorBody),
+        (status = 409, description = "Refused by the state", body = crate::api::ErrorBody),
+    )
+)]
 pub async fn patch_node(
     state: web::Data<ApiState>,
     caller: Caller,
@@ -262,6 +341,21 @@ pub async fn patch_node(
 }
 
 /// `DELETE /api/tree/{id}`: deletes a leaf node. Permission: delete_node, on the node.
+#[utoipa::path(
+    delete,
+    path = "/api/tree/{id}",
+    tag = "private",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "node id, 32 hex digits")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "Bad input", body = crate::api::ErrorBody),
+        (status = 401, description = "Missing, expired or foreign token", body = crate::api::ErrorBody),
+        (status = 403, description = "The caller lacks the permission", body = crate::api::ErrorBody),
+        (status = 404, description = "No such node", body = crate::api::ErrorBody),
+        (status = 409, description = "Refused by the state", body = crate::api::ErrorBody),
+    )
+)]
 pub async fn delete_node(
     state: web::Data<ApiState>,
     caller: Caller,
