@@ -51,6 +51,8 @@ impl Response {
 pub struct PinnedClient {
     url: JoinUrl,
     connector: TlsConnector,
+    /// Sent as `Authorization: Bearer <token>` when set (the private API).
+    bearer: Option<String>,
 }
 
 impl PinnedClient {
@@ -59,7 +61,14 @@ impl PinnedClient {
         Ok(PinnedClient {
             url,
             connector: TlsConnector::from(Arc::new(cfg)),
+            bearer: None,
         })
+    }
+
+    /// The same client sending `token` as its bearer token.
+    pub fn with_bearer(mut self, token: &str) -> Self {
+        self.bearer = Some(token.to_owned());
+        self
     }
 
     /// Sends one request; `body` is sent as JSON when present.
@@ -91,6 +100,9 @@ impl PinnedClient {
         let mut req = format!(
             "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nAccept: application/json\r\n"
         );
+        if let Some(t) = &self.bearer {
+            req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
         if let Some(b) = body {
             req.push_str(&format!(
                 "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -160,9 +172,23 @@ impl PinnedClient {
         wg_pubkey: &str,
         hostname: Option<&str>,
     ) -> Result<JoinResponse> {
+        self.join_with_key(key, wg_pubkey, hostname, None).await
+    }
+
+    /// [`PinnedClient::join`], redeeming a setup key (the device lands in the key's group).
+    pub async fn join_with_key(
+        &self,
+        key: &NodeKey,
+        wg_pubkey: &str,
+        hostname: Option<&str>,
+        setup_key: Option<&str>,
+    ) -> Result<JoinResponse> {
         let proof = self.proof(key).await?;
-        let body =
+        let mut body =
             serde_json::json!({ "proof": proof, "wg_pubkey": wg_pubkey, "hostname": hostname });
+        if let Some(k) = setup_key {
+            body["setup_key"] = serde_json::Value::String(k.to_owned());
+        }
         self.post("/api/join", &body).await?.json()
     }
 }
@@ -274,6 +300,36 @@ mod tests {
     }
 
     #[test]
+    fn mesh_peers_with_an_endpoint_become_direct_peers_and_bad_ones_are_refused() {
+        use crate::api::private::mesh::{Peer, PeersResponse};
+        let peer = |endpoint: Option<&str>| Peer {
+            node_id: "n".into(),
+            hostname: "h".into(),
+            wg_pubkey: Key([7; 32]).to_string(),
+            endpoint: endpoint.map(str::to_owned),
+            allowed_ips: vec!["10.64.3.18/32".into(), "fd6c:6e00::312/128".into()],
+        };
+        let answer = PeersResponse {
+            group_id: "g".into(),
+            peers: vec![peer(Some("192.0.2.9:4000")), peer(None)],
+        };
+        let peers = mesh_peers(&answer).expect("peers");
+        assert_eq!(peers.len(), 1, "the peer without an endpoint waits");
+        assert_eq!(peers[0].public_key, Key([7; 32]));
+        assert_eq!(
+            peers[0].endpoint,
+            Some("192.0.2.9:4000".parse().expect("addr"))
+        );
+        let ips: Vec<String> = peers[0].allowed_ips.iter().map(|a| a.to_string()).collect();
+        assert_eq!(ips, vec!["10.64.3.18/32", "fd6c:6e00::312/128"]);
+        let bad = PeersResponse {
+            group_id: "g".into(),
+            peers: vec![peer(Some("not an endpoint"))],
+        };
+        assert!(mesh_peers(&bad).is_err());
+    }
+
+    #[test]
     fn parses_length_and_chunked_answers_and_refuses_garbage() {
         let r = parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}extra").expect("ok");
         assert_eq!((r.status, r.body.as_slice()), (200, &b"{}"[..]));
@@ -322,6 +378,9 @@ pub struct JoinArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub interval: u64,
+    /// A setup key: join the group it names (see `POST /api/setup-keys`).
+    #[arg(long, value_name = "KEY")]
+    pub setup_key: Option<String>,
 }
 
 /// `lemonade-nexus leave` options.
@@ -421,7 +480,8 @@ pub fn join_command(cfg: &Config, args: JoinArgs, out: &mut dyn std::io::Write) 
         .enable_all()
         .build()?;
     let client = PinnedClient::new(url.clone())?;
-    let answer = rt.block_on(round(cfg, &args, &id, &client))?;
+    let mut mesh = Vec::new();
+    let answer = rt.block_on(round(cfg, &args, &id, &client, &mut mesh))?;
     writeln!(out, "joined {} as node {}", url.host, answer.node_id)?;
     writeln!(
         out,
@@ -445,23 +505,27 @@ pub fn join_command(cfg: &Config, args: JoinArgs, out: &mut dyn std::io::Write) 
         args.interval
     )?;
     out.flush()?;
-    rt.block_on(agent_loop(cfg, &args, &id, &client))?;
+    rt.block_on(agent_loop(cfg, &args, &id, &client, mesh))?;
     writeln!(out, "agent stopped; the tunnel stays up")?;
     Ok(())
 }
 
-/// One agent round: join (idempotent for this identity), save the answer, program the interface.
+/// One agent round: join (idempotent for this identity), save the answer, program the interface
+/// with the server peer and the permitted peers of the group (`mesh`: the last known ones, kept
+/// when the private API cannot be asked this round, so direct traffic is not interrupted).
 async fn round(
     cfg: &Config,
     args: &JoinArgs,
     id: &crate::identity::Identity,
     client: &PinnedClient,
+    mesh: &mut Vec<PeerConfig>,
 ) -> Result<JoinResponse> {
     let answer = client
-        .join(
+        .join_with_key(
             &id.node,
             &id.wireguard.public_base64(),
             args.hostname.as_deref(),
+            args.setup_key.as_deref(),
         )
         .await?;
     crate::identity::write_atomic(
@@ -484,10 +548,117 @@ async fn round(
                 .parse()
                 .context("the WireGuard identity key")?,
         );
-        let (device, link) = client_device(&answer, private)?;
+        let (mut device, link) = client_device(&answer, private)?;
+        device.peers.extend(mesh.iter().cloned());
         program(cfg, &args.wg_interface, &device, &link).await?;
+        // The private API is reached through the tunnel just programmed.
+        match sync_mesh(cfg, args, &answer, &client.url).await {
+            Ok(peers) if peers != *mesh => {
+                *mesh = peers;
+                device.peers.truncate(1);
+                device.peers.extend(mesh.iter().cloned());
+                program(cfg, &args.wg_interface, &device, &link).await?;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!("mesh peers not refreshed (keeping the last known): {e:#}"),
+        }
     }
     Ok(answer)
+}
+
+/// Reports this device's endpoint (`POST /api/heartbeat`) and asks for its group's peers
+/// (`GET /api/mesh/peers`), on the private API through the tunnel, with the join token.
+async fn sync_mesh(
+    cfg: &Config,
+    args: &JoinArgs,
+    answer: &JoinResponse,
+    public: &JoinUrl,
+) -> Result<Vec<PeerConfig>> {
+    let (host, port) = answer
+        .private_api
+        .strip_prefix("https://")
+        .and_then(|r| r.rsplit_once(':'))
+        .with_context(|| {
+            format!(
+                "private_api {:?} is not https://HOST:PORT",
+                answer.private_api
+            )
+        })?;
+    let url = JoinUrl {
+        host: host.trim_matches(['[', ']']).to_owned(),
+        port: port.parse().context("private_api port")?,
+        // The private API serves the same certificate as the public one.
+        pin: public.pin.clone(),
+    };
+    let private = PinnedClient::new(url)?.with_bearer(&answer.token);
+    let endpoint = local_endpoint(cfg, &args.wg_interface, &answer.server_wg_endpoint).await?;
+    private
+        .post(
+            "/api/heartbeat",
+            &serde_json::json!({ "endpoint": endpoint.to_string() }),
+        )
+        .await?
+        .json::<serde_json::Value>()?;
+    let peers: crate::api::private::mesh::PeersResponse =
+        private.get("/api/mesh/peers").await?.json()?;
+    mesh_peers(&peers)
+}
+
+/// This device's WireGuard endpoint as the server's side of the underlay sees it: the local
+/// address the kernel picks toward the server, and the device's listen port. (Behind NAT this is
+/// the inside address; such peers still reach each other through nothing but the server, which
+/// does not forward between devices.)
+async fn local_endpoint(cfg: &Config, ifname: &str, server: &str) -> Result<std::net::SocketAddr> {
+    use lemonade_nexus_netlink::WgBackend;
+    let server: std::net::SocketAddr = server.parse().context("server_wg_endpoint")?;
+    let any: std::net::SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    // A connected UDP socket sends nothing; it only asks the kernel for the source address.
+    let sock = std::net::UdpSocket::bind(any)?;
+    sock.connect(server)?;
+    let ip = sock.local_addr()?.ip();
+    let port = match backend(cfg).await? {
+        crate::server::Backend::Kernel(b) => b.get(ifname).await?.listen_port,
+        crate::server::Backend::Userspace(b) => b.get(ifname).await?.listen_port,
+    };
+    Ok(std::net::SocketAddr::new(ip, port))
+}
+
+/// The WireGuard peers of a mesh-peers answer: each peer with a reported endpoint, allowed IPs
+/// its two tunnel addresses (more specific than the server peer's plane-wide prefixes, so traffic
+/// to it goes direct). A peer without an endpoint is left out until it reports one. Pure.
+pub fn mesh_peers(answer: &crate::api::private::mesh::PeersResponse) -> Result<Vec<PeerConfig>> {
+    let mut out = Vec::new();
+    for p in &answer.peers {
+        let Some(endpoint) = &p.endpoint else {
+            continue;
+        };
+        out.push(PeerConfig {
+            public_key: p
+                .wg_pubkey
+                .parse()
+                .with_context(|| format!("peer {} wg_pubkey", p.node_id))?,
+            preshared_key: None,
+            endpoint: Some(
+                endpoint
+                    .parse()
+                    .with_context(|| format!("peer {} endpoint {endpoint:?}", p.node_id))?,
+            ),
+            persistent_keepalive: Some(25),
+            allowed_ips: p
+                .allowed_ips
+                .iter()
+                .map(|a| {
+                    a.parse::<IpNet>()
+                        .with_context(|| format!("allowed IP {a:?}"))
+                })
+                .collect::<Result<_>>()?,
+        });
+    }
+    Ok(out)
 }
 
 /// Runs rounds every `args.interval` seconds until SIGINT or SIGTERM.
@@ -496,6 +667,7 @@ async fn agent_loop(
     args: &JoinArgs,
     id: &crate::identity::Identity,
     client: &PinnedClient,
+    mut mesh: Vec<PeerConfig>,
 ) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
@@ -509,7 +681,7 @@ async fn agent_loop(
         }
         // A signal during a round is buffered and ends the loop right after it (each request
         // is bounded by REQUEST_TIMEOUT).
-        match round(cfg, args, id, client).await {
+        match round(cfg, args, id, client, &mut mesh).await {
             Ok(a) => tracing::debug!(node = %a.node_id, "agent round: joined and reconciled"),
             Err(e) => tracing::warn!("agent round failed (retrying in {period:?}): {e:#}"),
         }
@@ -586,13 +758,7 @@ async fn program(
     device: &DeviceConfig,
     link: &LinkConfig,
 ) -> Result<()> {
-    use lemonade_nexus_netlink::BackendPreference;
-    let pref = match cfg.dataplane {
-        crate::config::Dataplane::Auto => BackendPreference::Auto,
-        crate::config::Dataplane::Kernel => BackendPreference::Kernel,
-        crate::config::Dataplane::Userspace => BackendPreference::Userspace,
-    };
-    let backend = crate::server::Backend::choose(pref).await?;
+    let backend = backend(cfg).await?;
     backend
         .ensure_device(ifname)
         .await
@@ -602,4 +768,15 @@ async fn program(
         .reconcile_link(ifname, link)
         .await?;
     Ok(())
+}
+
+/// The WireGuard backend `--dataplane` asks for.
+async fn backend(cfg: &Config) -> Result<crate::server::Backend> {
+    use lemonade_nexus_netlink::BackendPreference;
+    let pref = match cfg.dataplane {
+        crate::config::Dataplane::Auto => BackendPreference::Auto,
+        crate::config::Dataplane::Kernel => BackendPreference::Kernel,
+        crate::config::Dataplane::Userspace => BackendPreference::Userspace,
+    };
+    crate::server::Backend::choose(pref).await
 }
