@@ -513,6 +513,21 @@ async fn every_private_route_answers_every_role_as_its_permissions_say() {
     assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_node_id"));
     let (s, v) = call(&private, Method::GET, "/api/tree", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+    // The scheme is case-insensitive; anything but Bearer is refused.
+    for (header, want) in [
+        (format!("bearer {admin}"), StatusCode::OK),
+        (format!("Basic {admin}"), StatusCode::UNAUTHORIZED),
+        (admin.clone(), StatusCode::UNAUTHORIZED),
+        ("Bearer ".to_owned(), StatusCode::UNAUTHORIZED),
+        ("Bearer not-a-token".to_owned(), StatusCode::UNAUTHORIZED),
+    ] {
+        let req = test::TestRequest::get()
+            .uri("/api/tree")
+            .insert_header(("authorization", header.clone()))
+            .to_request();
+        let resp = test::call_service(&private, req).await;
+        assert_eq!(resp.status(), want, "{header}");
+    }
     assert!(
         v["error"]["message"]
             .as_str()

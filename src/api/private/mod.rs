@@ -67,7 +67,12 @@ fn caller(req: &HttpRequest) -> Result<Caller, ApiError> {
     let token = header
         .to_str()
         .ok()
-        .and_then(|h| h.strip_prefix("Bearer "))
+        // The scheme name is case-insensitive (RFC 9110 §11.1).
+        .and_then(|h| {
+            h.get(..7)
+                .filter(|p| p.eq_ignore_ascii_case("bearer "))
+                .map(|_| &h[7..])
+        })
         .ok_or_else(|| ApiError::unauthorized("the Authorization header must be Bearer <token>"))?;
     let now = state.clock.now_ms();
     let store = state.lock_store();
