@@ -312,7 +312,8 @@ use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiState};
-use crate::store::{StoreError, Submitted};
+use crate::op::Op;
+use crate::store::Submitted;
 
 /// How long a join waits for the WireGuard peer to be programmed before answering anyway.
 pub const PEER_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
@@ -399,9 +400,8 @@ pub(super) fn endpoint(host: &str, port: u16) -> String {
     }
 }
 
-/// The store-side part of a join: plan and append in one locked step (so no other join on this
-/// server interleaves), and read back the result.
-struct Joined {
+/// What a committed join reads back from the store.
+pub(super) struct Joined {
     node: NodeId,
     group: NodeId,
     existing: bool,
@@ -410,72 +410,227 @@ struct Joined {
     config: crate::ipam::IpamConfig,
 }
 
-fn join_in_store(
+/// Most joins committed in one write transaction (one fsync).
+pub const MAX_JOIN_BATCH: usize = 256;
+
+/// One join waiting for the group commit, and where to send its answer.
+pub(super) struct PendingJoin {
+    req: JoinRequest,
+    setup_key: Option<String>,
+    reply: tokio::sync::oneshot::Sender<Result<Joined, ApiError>>,
+}
+
+/// The queue to this server's join committer, started on first use. The committer holds only a
+/// weak reference to the state, so it stops when the state (and with it this sender) is dropped.
+fn committer(state: &std::sync::Arc<ApiState>) -> &std::sync::mpsc::Sender<PendingJoin> {
+    state.joins.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let weak = std::sync::Arc::downgrade(state);
+        let spawned = std::thread::Builder::new()
+            .name("join-committer".into())
+            .spawn(move || run_committer(weak, rx));
+        if let Err(e) = spawned {
+            // The receiver is gone with the closure: every join then fails with a clear 500.
+            tracing::error!(error = %e, "cannot start the join committer thread");
+        }
+        tx
+    })
+}
+
+/// Group commit: takes every join waiting (up to [`MAX_JOIN_BATCH`]), commits them in one
+/// transaction, then answers each. Nothing is answered before its commit is durable.
+fn run_committer(state: std::sync::Weak<ApiState>, rx: std::sync::mpsc::Receiver<PendingJoin>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_JOIN_BATCH {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let Some(state) = state.upgrade() else {
+            return;
+        };
+        let items: Vec<_> = batch
+            .iter()
+            .map(|p| (&p.req, p.setup_key.as_deref()))
+            .collect();
+        let results = commit_joins(&state, &items);
+        // Let go of the state before answering: whoever holds the last reference once answered
+        // (a test reopening the store) must not find it still in use.
+        drop(items);
+        drop(state);
+        for (p, r) in batch.into_iter().zip(results) {
+            // The client may have gone away; its join is committed anyway.
+            let _ = p.reply.send(r);
+        }
+    }
+}
+
+/// Plans one join against `view` (the state as the batch has made it so far).
+#[allow(clippy::too_many_arguments)]
+fn plan_one(
     state: &ApiState,
+    view: &State,
+    server: &PublicKey,
+    next_seq: u64,
     req: &JoinRequest,
     setup_key: Option<&str>,
-) -> Result<Joined, ApiError> {
-    let server = state.server.public();
-    let mut store = state.lock_store();
-    let now_ms = state.clock.now_ms();
-    let next_seq = store.heads().get(&server).copied().unwrap_or(0) + 1;
-    let now = store.clock().tick(now_ms);
-    let plan = match setup_key {
+    now_ms: u64,
+    now: Hlc,
+) -> Result<JoinPlan, ApiError> {
+    Ok(match setup_key {
         Some(k) => super::private::setup_keys::plan_join_with_key(
-            store.state(),
-            &server,
-            next_seq,
-            req,
-            k,
-            now_ms,
-            now,
+            view, server, next_seq, req, k, now_ms, now,
         )?,
         None => plan_join(
-            store.state(),
-            &server,
+            view,
+            server,
             next_seq,
             req,
             state.settings.registration,
             now,
         )?,
-    };
-    if !plan.ops.is_empty() {
-        let ops = plan.ops.iter().map(|b| (server, b.clone(), None)).collect();
-        let results = store
-            .append_local_batch(&state.server, ops, now_ms)
-            .map_err(ApiError::internal)?;
-        for r in results {
-            match r {
-                Ok(Submitted::Appended { effect: Ok(()), .. }) => {}
-                Ok(Submitted::Appended { effect: Err(e), .. }) => {
-                    // The op is in the log with no effect (as on every server); say why.
-                    tracing::warn!(error = %e, "a join op had no effect");
-                    return Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        "join_conflict",
-                        e.to_string(),
-                    ));
+    })
+}
+
+/// The store-side part of a batch of joins, under the store lock (no other append interleaves):
+/// plans each join against the state as the earlier joins of the batch leave it (so two joins
+/// get two addresses, and a refused join changes nothing for the others), appends every planned
+/// op in ONE write transaction, and reads back each result. One result per item, in order.
+pub(super) fn commit_joins(
+    state: &ApiState,
+    items: &[(&JoinRequest, Option<&str>)],
+) -> Vec<Result<Joined, ApiError>> {
+    let server = state.server.public();
+    let mut store = state.lock_store();
+    let now_ms = state.clock.now_ms();
+    // Mirror what `append_local_batch` will assign: consecutive seqs and HLC ticks.
+    let mut next_seq = store.heads().get(&server).copied().unwrap_or(0) + 1;
+    let mut clock = store.clock();
+    // The state with the batch's accepted ops folded in (cloned only once something is accepted).
+    let mut scratch: Option<State> = None;
+    let mut accepted: Vec<Op> = Vec::new();
+    let mut plans: Vec<Result<JoinPlan, ApiError>> = Vec::with_capacity(items.len());
+    for (req, setup_key) in items {
+        let view = scratch.as_ref().unwrap_or(store.state());
+        let plan = plan_one(
+            state,
+            view,
+            &server,
+            next_seq,
+            req,
+            *setup_key,
+            now_ms,
+            clock.tick(now_ms),
+        );
+        let plan = match plan {
+            Ok(p) if !p.ops.is_empty() => p,
+            other => {
+                plans.push(other);
+                continue;
+            }
+        };
+        let s = scratch.get_or_insert_with(|| store.state().clone());
+        let mut c = clock;
+        let ops: Vec<Op> = plan
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(i, body)| {
+                c = c.tick(now_ms);
+                Op {
+                    origin: server,
+                    seq: next_seq + i as u64,
+                    hlc: c,
+                    author: server,
+                    body: body.clone(),
                 }
-                Ok(Submitted::Duplicate { .. }) => {}
-                Err(e @ StoreError::Invalid(_)) => return Err(ApiError::internal(e)),
-                Err(e) => return Err(ApiError::internal(e)),
+            })
+            .collect();
+        match ops.iter().try_for_each(|op| s.apply(op)) {
+            Ok(()) => {
+                clock = c;
+                next_seq += ops.len() as u64;
+                accepted.extend(ops);
+                plans.push(Ok(plan));
+            }
+            Err(e) => {
+                // A plan that does not fold is a bug; undo its partial effect on the scratch
+                // state (rebuild it) so the rest of the batch is unaffected.
+                let mut fresh = store.state().clone();
+                for op in &accepted {
+                    let _ = fresh.apply(op);
+                }
+                *s = fresh;
+                plans.push(Err(ApiError::internal(format!(
+                    "a join plan does not apply: {e}"
+                ))));
+            }
+        }
+    }
+    drop(scratch);
+
+    // One transaction, one fsync, for every accepted join.
+    let bodies: Vec<_> = plans
+        .iter()
+        .flat_map(|p| p.iter().flat_map(|p| p.ops.iter()))
+        .map(|b| (server, b.clone(), None))
+        .collect();
+    let mut results = Vec::new();
+    if !bodies.is_empty() {
+        match store.append_local_batch(&state.server, bodies, now_ms) {
+            Ok(r) => results = r,
+            Err(e) => {
+                let e = ApiError::internal(e);
+                return items.iter().map(|_| Err(e.clone())).collect();
             }
         }
         state.state_changed();
     }
-    let ipam = store.state().ipam();
-    let address = ipam
-        .tunnel_address(&plan.node)
-        .ok_or_else(|| ApiError::internal("joined node has no lease after the append"))?;
-    let config = ipam.config().clone();
-    Ok(Joined {
-        node: plan.node,
-        group: plan.group,
-        existing: plan.existing,
-        address,
-        gateway: config.address_of(1),
-        config,
-    })
+    let mut results = results.into_iter();
+    plans
+        .into_iter()
+        .map(|plan| {
+            let plan = plan?;
+            // Every op of the plan must have taken effect.
+            let mut failed = None;
+            for r in results.by_ref().take(plan.ops.len()) {
+                match r {
+                    Ok(Submitted::Appended { effect: Ok(()), .. })
+                    | Ok(Submitted::Duplicate { .. }) => {}
+                    Ok(Submitted::Appended { effect: Err(e), .. }) => {
+                        // The op is in the log with no effect (as on every server); say why.
+                        tracing::warn!(error = %e, "a join op had no effect");
+                        failed.get_or_insert(ApiError::new(
+                            StatusCode::CONFLICT,
+                            "join_conflict",
+                            e.to_string(),
+                        ));
+                    }
+                    Err(e) => {
+                        failed.get_or_insert(ApiError::internal(e));
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            let ipam = store.state().ipam();
+            let address = ipam
+                .tunnel_address(&plan.node)
+                .ok_or_else(|| ApiError::internal("joined node has no lease after the append"))?;
+            let config = ipam.config().clone();
+            Ok(Joined {
+                node: plan.node,
+                group: plan.group,
+                existing: plan.existing,
+                address,
+                gateway: config.address_of(1),
+                config,
+            })
+        })
+        .collect()
 }
 
 #[utoipa::path(
@@ -511,11 +666,19 @@ pub async fn post_join(
         wg_pubkey: WgKey(wg),
         hostname: body.hostname,
     };
+    // Queued to the group committer; answered once its batch is durable.
+    let (reply, answer) = tokio::sync::oneshot::channel();
     let st = state.clone().into_inner();
-    let setup_key = body.setup_key;
-    let joined = web::block(move || join_in_store(&st, &req, setup_key.as_deref()))
+    committer(&st)
+        .send(PendingJoin {
+            req,
+            setup_key: body.setup_key,
+            reply,
+        })
+        .map_err(|_| ApiError::internal("the join committer has stopped"))?;
+    let joined = answer
         .await
-        .map_err(ApiError::internal)??;
+        .map_err(|_| ApiError::internal("the join committer has stopped"))??;
     let peer_programmed = match &state.peers {
         Some(p) => p.sync(PEER_SYNC_TIMEOUT).await,
         None => false,
@@ -559,5 +722,146 @@ mod http_tests {
         assert_eq!(host_only("[fd00::1]:9100"), "fd00::1");
         assert_eq!(host_only("10.0.0.1:1"), "10.0.0.1");
         assert_eq!(endpoint("fd00::1", 5), "[fd00::1]:5");
+    }
+
+    use std::sync::Arc;
+
+    use crate::api::{DataplaneInfo, Settings};
+    use crate::identity::NodeKey;
+    use crate::ipam::IpamConfig;
+    use crate::store::Store;
+
+    /// An API state over a fresh store with the genesis ops, open registration, no dataplane.
+    fn api_state(path: &std::path::Path) -> Arc<ApiState> {
+        let server = NodeKey::from_seed(&[1; 32]);
+        let (mut store, _) =
+            Store::create(path, server.public(), IpamConfig::default()).expect("store");
+        let ops =
+            crate::server::genesis_ops(store.state(), &server.public(), [5; 32], "srv", None, true)
+                .expect("genesis");
+        let batch = ops
+            .into_iter()
+            .map(|b| (server.public(), b, None))
+            .collect();
+        for r in store
+            .append_local_batch(&server, batch, 1_000)
+            .expect("append")
+        {
+            r.expect("genesis op");
+        }
+        let settings = Settings {
+            registration: Registration::Open,
+            wg_public_key: [5; 32],
+            wg_port: 51940,
+            public_host: None,
+            private_api_port: 9101,
+            api_port: 9100,
+            tls_pin: None,
+        };
+        let dp = DataplaneInfo {
+            backend: "none".into(),
+            fallback_reason: None,
+            interface: None,
+        };
+        Arc::new(ApiState::new(server, store, settings, dp, None))
+    }
+
+    fn device(i: u8) -> JoinRequest {
+        JoinRequest {
+            client: NodeKey::from_seed(&[i; 32]).public(),
+            wg_pubkey: WgKey([i; 32]),
+            hostname: None,
+        }
+    }
+
+    #[test]
+    fn one_batch_gives_distinct_addresses_and_a_refused_join_changes_nothing_else() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("state.redb");
+        let st = api_state(&path);
+        let devices: Vec<_> = (10..74).map(device).collect();
+        // Mid-batch, another device presents the WireGuard key the batch's first join just took:
+        // only the state as the batch evolved shows the conflict.
+        let mut thief = device(200);
+        thief.wg_pubkey = devices[0].wg_pubkey;
+        let mut items: Vec<_> = devices.iter().map(|d| (d, None)).collect();
+        items.insert(32, (&thief, None));
+        let mut results = commit_joins(&st, &items);
+        let refused = results.remove(32);
+        assert_eq!(refused.err().map(|e| e.code), Some("wg_key_in_use"));
+        let joined: Vec<Joined> = results
+            .into_iter()
+            .map(|r| r.expect("every other join succeeds"))
+            .collect();
+        let v4: std::collections::BTreeSet<_> = joined.iter().map(|j| j.address.v4).collect();
+        let nodes: std::collections::BTreeSet<_> = joined.iter().map(|j| j.node).collect();
+        assert_eq!((v4.len(), nodes.len()), (64, 64));
+        assert!(joined.iter().all(|j| !j.existing));
+
+        // Answered means durable: a reopened store holds every device with its address.
+        drop(st);
+        let (store, _) = Store::open(&path).expect("reopen");
+        for (d, j) in devices.iter().zip(&joined) {
+            assert_eq!(find_device(store.state().tree(), &d.client), Some(j.node));
+            assert_eq!(
+                store.state().ipam().tunnel_address(&j.node),
+                Some(j.address)
+            );
+        }
+        assert_eq!(find_device(store.state().tree(), &thief.client), None);
+    }
+
+    #[test]
+    fn concurrent_joins_through_the_committer_all_answer() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("state.redb");
+        let st = api_state(&path);
+        // 64 devices and one presenting device 10's WireGuard key: whichever is committed
+        // first gets the key, the other a 409; all the rest succeed.
+        let mut thief = device(200);
+        thief.wg_pubkey = device(10).wg_pubkey;
+        let reqs: Vec<_> = (10..74).map(device).chain([thief]).collect();
+        let answers: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = reqs
+                .iter()
+                .map(|r| {
+                    let st = st.clone();
+                    s.spawn(move || {
+                        let (reply, answer) = tokio::sync::oneshot::channel();
+                        committer(&st)
+                            .send(PendingJoin {
+                                req: r.clone(),
+                                setup_key: None,
+                                reply,
+                            })
+                            .expect("queued");
+                        answer.blocking_recv().expect("answered")
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread"))
+                .collect()
+        });
+        let (ok, refused): (Vec<_>, Vec<_>) = answers.into_iter().partition(|r| r.is_ok());
+        assert_eq!(refused.len(), 1);
+        assert_eq!(
+            refused[0].as_ref().err().map(|e| e.code),
+            Some("wg_key_in_use")
+        );
+        let v4: std::collections::BTreeSet<_> = ok
+            .iter()
+            .filter_map(|r| r.as_ref().ok().map(|j| j.address.v4))
+            .collect();
+        assert_eq!(v4.len(), 64);
+        drop(st);
+        let (store, _) = Store::open(&path).expect("reopen");
+        let devices = (10..74)
+            .map(device)
+            .chain([device(200)])
+            .filter(|d| find_device(store.state().tree(), &d.client).is_some())
+            .count();
+        assert_eq!(devices, 64);
     }
 }

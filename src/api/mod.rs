@@ -222,6 +222,8 @@ pub struct ApiState {
     /// state, so joins only mark it stale: `None`).
     state_hash: Mutex<Option<[u8; 32]>>,
     rng: SystemRandom,
+    /// The queue to the join group committer (started by the first join; see [`join`]).
+    joins: std::sync::OnceLock<std::sync::mpsc::Sender<join::PendingJoin>>,
 }
 
 impl ApiState {
@@ -246,6 +248,7 @@ impl ApiState {
             limiter: ratelimit::Limiter::unlimited(),
             state_hash: Mutex::new(Some(hash)),
             rng: SystemRandom::new(),
+            joins: std::sync::OnceLock::new(),
         }
     }
 
