@@ -1,0 +1,175 @@
+//! The private API end to end in network namespaces (needs root; CI is root), userspace backend:
+//! `serve` in namespace `srv`, `lemonade-nexus join` in namespace `cli` (a veth pair between them).
+//! Through the tunnel the client reaches the private API (pinned TLS, its join token: 200; no
+//! token: 401); on the server's public (underlay) address port 9101 is closed: the private API is
+//! unreachable from the public plane.
+
+#[path = "../netlink/tests/common/mod.rs"]
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Netns, must, unique_name};
+use lemonade_nexus::api::join::JoinResponse;
+use lemonade_nexus::tls::{JoinUrl, Pin};
+
+const SRV_UNDERLAY: &str = "192.168.232.1";
+const CLI_UNDERLAY: &str = "192.168.232.2";
+
+/// A `serve` process; killed on drop.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_server(ns: &Netns, dir: &std::path::Path, ifname: &str) -> (Server, JoinUrl) {
+    let mut child = ns
+        .cmd(env!("CARGO_BIN_EXE_lemonade-nexus"))
+        .args(["--config", "/dev/null", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--master-key-file")
+        .arg(dir.join("master.key"))
+        .args([
+            "--dataplane",
+            "userspace",
+            "--listen-api",
+            &format!("{SRV_UNDERLAY}:9100"),
+            "serve",
+            "--wg-interface",
+            ifname,
+            "--public-host",
+            SRV_UNDERLAY,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let server = Server(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            eprintln!("serve: {line}");
+            if let Some(url) = line.strip_prefix("join URL:") {
+                let _ = tx.send(url.trim().to_owned());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("serve printed its join URL within 60 s");
+    (server, JoinUrl::parse(&url).expect("valid join URL"))
+}
+
+/// `GET /api/tree` over pinned TLS to `host:port`; the HTTP status, or the connection error.
+async fn get_tree(host: &str, port: u16, pin: Pin, token: Option<&str>) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cfg = lemonade_nexus::tls::pinned_client_config(pin).map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::net::TcpStream::connect((host, port)),
+    )
+    .await
+    .map_err(|_| "connect timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    let name =
+        rustls::pki_types::ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let req = format!("GET /api/tree HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{auth}\r\n");
+    tls.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    let _ = tls.read_to_end(&mut raw).await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    text.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status line: {text}"))
+}
+
+#[test]
+fn the_private_api_answers_through_the_tunnel_and_not_on_the_public_plane() {
+    let srv = Netns::new("ps");
+    let cli = Netns::new("pc");
+    let (vs, vc) = (unique_name("vs"), unique_name("vc"));
+    common::ip(&[
+        "link", "add", &vs, "netns", &srv.name, "type", "veth", "peer", "name", &vc, "netns",
+        &cli.name,
+    ]);
+    srv.ip(&["address", "add", &format!("{SRV_UNDERLAY}/24"), "dev", &vs]);
+    srv.ip(&["link", "set", &vs, "up"]);
+    cli.ip(&["address", "add", &format!("{CLI_UNDERLAY}/24"), "dev", &vc]);
+    cli.ip(&["link", "set", &vc, "up"]);
+    let (sif, cif) = (unique_name("ls"), unique_name("lc"));
+    srv.own_uapi_socket(&sif);
+    cli.own_uapi_socket(&cif);
+    let dir = tempfile::tempdir().expect("tmp");
+    let (_server, url) = start_server(&srv, dir.path(), &sif);
+
+    let out = must(
+        cli.cmd(env!("CARGO_BIN_EXE_lemonade-nexus"))
+            .args(["--config", "/dev/null", "--data-dir"])
+            .arg(dir.path().join("client"))
+            .arg("--master-key-file")
+            .arg(dir.path().join("client-master.key"))
+            .args([
+                "--dataplane",
+                "userspace",
+                "join",
+                "--once",
+                &url.to_string(),
+            ])
+            .args(["--wg-interface", &cif]),
+    );
+    eprintln!("join: {out}");
+    let saved = std::fs::read(dir.path().join("client").join("join.json")).expect("join.json");
+    let joined: JoinResponse = serde_json::from_slice(&saved).expect("join answer");
+    let private = joined
+        .private_api
+        .strip_prefix("https://")
+        .expect("https URL")
+        .to_owned();
+    let (host, port) = private.rsplit_once(':').expect("host:port");
+    let port: u16 = port.parse().expect("port");
+    assert_eq!(
+        host, joined.server_tunnel_ipv4,
+        "the private API is on the tunnel address"
+    );
+
+    let token = joined.token.clone();
+    let (through, public, no_token) = cli.block_on(|| async {
+        // The tunnel may need a handshake first: retry for a while.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let through = loop {
+            let r = get_tree(host, port, url.pin, Some(&token)).await;
+            if r.is_ok() || Instant::now() > deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        let no_token = get_tree(host, port, url.pin, None).await;
+        let public = get_tree(SRV_UNDERLAY, port, url.pin, Some(&token)).await;
+        (through, public, no_token)
+    });
+    assert_eq!(through, Ok(200), "through the tunnel, with the join token");
+    assert_eq!(no_token, Ok(401), "through the tunnel, without a token");
+    assert!(
+        public.is_err(),
+        "the private port must be closed on the public address, got {public:?}"
+    );
+}
