@@ -588,7 +588,7 @@ async fn sync_mesh(
         host: host.trim_matches(['[', ']']).to_owned(),
         port: port.parse().context("private_api port")?,
         // The private API serves the same certificate as the public one.
-        pin: public.pin.clone(),
+        pin: public.pin,
     };
     let private = PinnedClient::new(url)?.with_bearer(&answer.token);
     let endpoint = local_endpoint(cfg, &args.wg_interface, &answer.server_wg_endpoint).await?;
