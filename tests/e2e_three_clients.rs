@@ -291,6 +291,15 @@ fn three_clients_group_isolation_private_api_and_restarts() {
         "C cannot reach B"
     );
 
+    // Even a server host that forwards IP between its clients does not connect the groups:
+    // the clients accept from the server peer only the server's own addresses.
+    must(srv.cmd("sysctl").args(["-w", "net.ipv4.ip_forward=1"]));
+    assert!(
+        !c.ping(&ja.tunnel_ipv4, Duration::from_secs(3)),
+        "C cannot reach A through a forwarding server"
+    );
+    must(srv.cmd("sysctl").args(["-w", "net.ipv4.ip_forward=0"]));
+
     // The private API: through the tunnel yes, on the public plane no.
     assert!(
         c.connects(&ja.server_tunnel_ipv4, 9101),

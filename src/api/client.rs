@@ -287,7 +287,12 @@ mod tests {
         let p = &dev.peers[0];
         assert_eq!(p.public_key, Key([5; 32]));
         assert_eq!(p.endpoint, Some("192.0.2.1:51940".parse().expect("addr")));
-        assert_eq!(p.allowed_ips.len(), 2);
+        let ips: Vec<String> = p.allowed_ips.iter().map(|a| a.to_string()).collect();
+        assert_eq!(
+            ips,
+            vec!["10.64.0.1/32", "fd6c:6e00::1/128"],
+            "the server itself only"
+        );
         let addrs: Vec<String> = link.addresses.iter().map(|a| a.to_string()).collect();
         assert_eq!(addrs, vec!["10.64.3.17/10", "fd6c:6e00::311/48"]);
 
@@ -396,6 +401,11 @@ pub struct LeaveArgs {
 /// The interface addresses carry the plane's prefix lengths (`10.64.x.y/10`), so the kernel's
 /// connected routes send the whole client plane through the interface, with no routing table or
 /// policy rule to manage.
+///
+/// The server peer's allowed IPs are the server's own tunnel addresses only (`/32`, `/128`), not
+/// the plane: WireGuard then accepts from the server only packets the server itself sends, so even
+/// a server host that forwards IP between its clients cannot let a device of another group reach
+/// this one. Same-group devices are peers of their own ([`mesh_peers`]).
 pub fn client_device(
     answer: &JoinResponse,
     private_key: PrivateKey,
@@ -421,6 +431,22 @@ pub fn client_device(
         }
         addresses.push(a);
     }
+    let server_only = vec![
+        IpNet::V4(ipnet::Ipv4Net::new(
+            answer
+                .server_tunnel_ipv4
+                .parse()
+                .context("server_tunnel_ipv4")?,
+            32,
+        )?),
+        IpNet::V6(ipnet::Ipv6Net::new(
+            answer
+                .server_tunnel_ipv6
+                .parse()
+                .context("server_tunnel_ipv6")?,
+            128,
+        )?),
+    ];
     let device = DeviceConfig {
         private_key: Some(private_key),
         listen_port: None,
@@ -438,7 +464,7 @@ pub fn client_device(
                     .context("server_wg_endpoint must be ip:port")?,
             ),
             persistent_keepalive: Some(25),
-            allowed_ips: allowed,
+            allowed_ips: server_only,
         }],
     };
     let link = LinkConfig {
