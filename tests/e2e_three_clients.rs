@@ -269,6 +269,14 @@ fn three_clients_group_isolation_private_api_and_restarts() {
         b.ping(&ja.tunnel_ipv4, Duration::from_secs(30)),
         "B pings A"
     );
+    assert!(
+        a.ping(&jb.tunnel_ipv6, Duration::from_secs(15)),
+        "A pings B over IPv6"
+    );
+    assert!(
+        b.ping(&ja.server_tunnel_ipv6, Duration::from_secs(15)),
+        "B pings the server over IPv6"
+    );
     // Directly: each has the other as a WireGuard peer besides the server; C has only the server.
     assert_eq!(a.wg_peers().len(), 2, "A: server and B");
     assert_eq!(b.wg_peers().len(), 2, "B: server and A");
