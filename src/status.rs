@@ -64,6 +64,8 @@ pub struct ClientStatus {
     pub backend: Option<String>,
     /// The server peer on the local device; `None` when the device or the peer is missing.
     pub server_peer: Option<PeerView>,
+    /// The other peers on the local device: devices of this device's group, reached directly.
+    pub group_peers: Vec<PeerView>,
     /// Why the device could not be read, if it could not.
     pub device_error: Option<String>,
 }
@@ -152,18 +154,19 @@ pub fn client_status(
     dump: Result<(BackendKind, DeviceState), String>,
     now: SystemTime,
 ) -> ClientStatus {
-    let (backend, server_peer, device_error) = match dump {
+    let (backend, server_peer, group_peers, device_error) = match dump {
         Ok((kind, dev)) => {
             let names = HashMap::new();
-            let peer = peer_views(&dev, &names, now)
+            let (server, group): (Vec<PeerView>, Vec<PeerView>) = peer_views(&dev, &names, now)
                 .into_iter()
-                .find(|p| p.public_key == answer.server_wg_pubkey);
+                .partition(|p| p.public_key == answer.server_wg_pubkey);
+            let peer = server.into_iter().next();
             let err = peer
                 .is_none()
                 .then(|| format!("the server peer is not on {interface}"));
-            (Some(kind.to_string()), peer, err)
+            (Some(kind.to_string()), peer, group, err)
         }
-        Err(e) => (None, None, Some(e)),
+        Err(e) => (None, None, Vec::new(), Some(e)),
     };
     ClientStatus {
         role: "client",
@@ -176,6 +179,7 @@ pub fn client_status(
         interface: interface.to_owned(),
         backend,
         server_peer,
+        group_peers,
         device_error,
     }
 }
@@ -210,6 +214,16 @@ pub fn render_client(s: &ClientStatus) -> String {
             "traffic:           rx {}  tx {}\n",
             format_bytes(p.rx_bytes),
             format_bytes(p.tx_bytes)
+        ));
+    }
+    o.push_str(&format!("group peers:       {}\n", s.group_peers.len()));
+    for p in &s.group_peers {
+        o.push_str(&format!(
+            "  {}  {}  endpoint {}  handshake {}\n",
+            p.public_key,
+            p.allowed_ips.join(" "),
+            p.endpoint.as_deref().unwrap_or("-"),
+            format_age(p.handshake_age_secs)
         ));
     }
     if let Some(e) = &s.device_error {
@@ -691,6 +705,10 @@ mod tests {
         assert!(text.contains("10.64.3.17 fd6c:6e00::311"), "{text}");
         assert!(text.contains("1m 15s ago"), "{text}");
         assert!(text.contains("rx 1.5 KiB  tx 100 B"), "{text}");
+        // The other peer on the device is a group peer, not the server.
+        assert_eq!(s.group_peers.len(), 1);
+        assert_eq!(s.group_peers[0].public_key, Key([1; 32]).to_string());
+        assert!(text.contains("group peers:       1"), "{text}");
 
         let gone = client_status(&answer(), None, "lc0", Err("no such device".into()), now);
         assert!(gone.server_peer.is_none() && gone.backend.is_none());

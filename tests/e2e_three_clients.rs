@@ -280,6 +280,20 @@ fn three_clients_group_isolation_private_api_and_restarts() {
     // Directly: each has the other as a WireGuard peer besides the server; C has only the server.
     assert_eq!(a.wg_peers().len(), 2, "A: server and B");
     assert_eq!(b.wg_peers().len(), 2, "B: server and A");
+    // `status` on A shows B as a group peer with a recent handshake.
+    let mut st = node_cmd(&a.ns, &a.dir);
+    st.args(["--log-level", "error", "status", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&must(&mut st)).expect("status json");
+    let peers = v["group_peers"].as_array().expect("group_peers");
+    let want = format!("{}/32", jb.tunnel_ipv4);
+    assert!(
+        peers.len() == 1
+            && peers[0]["allowed_ips"]
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x == want.as_str()))
+            && peers[0]["handshake_age_secs"].as_u64().is_some(),
+        "A's status names B as a group peer with a handshake: {v:#}"
+    );
     let endpoints = must(a.ns.cmd("wg").args(["show", &a.ifname, "endpoints"]));
     assert!(
         endpoints.contains("192.168.233.3:"),
