@@ -1,5 +1,5 @@
 //! The scenario end to end (needs root; CI is root), in network namespaces with the
-//! userspace backend (real `wireguard-go`): one server and three clients on one LAN (a bridge in
+//! userspace backend (real `wireguard-go`; `LN_E2E_DATAPLANE=kernel` runs it on kernel WireGuard): one server and three clients on one LAN (a bridge in
 //! the server's namespace). A is the administrator (`serve --admin-key`); B joins A's group with
 //! a setup key A made on the private API through the tunnel; C is another customer.
 //!
@@ -69,6 +69,16 @@ fn wait_line(rx: &Receiver<String>, prefix: &str, within: Duration) -> String {
     }
 }
 
+/// The WireGuard backend under test: `userspace` (wireguard-go; the default, for hosts without
+/// kernel WireGuard) or `kernel` (set `LN_E2E_DATAPLANE=kernel`, as inside User-Mode Linux).
+fn dataplane() -> &'static str {
+    match std::env::var("LN_E2E_DATAPLANE").as_deref() {
+        Ok("kernel") => "kernel",
+        Ok("userspace") | Err(_) => "userspace",
+        Ok(other) => panic!("LN_E2E_DATAPLANE must be kernel or userspace, not {other:?}"),
+    }
+}
+
 /// The `lemonade-nexus` binary in `ns` with the data directory and master key under `dir`.
 fn node_cmd(ns: &Netns, dir: &Path) -> Command {
     let mut c = ns.cmd(env!("CARGO_BIN_EXE_lemonade-nexus"));
@@ -76,7 +86,7 @@ fn node_cmd(ns: &Netns, dir: &Path) -> Command {
         .arg(dir.join("data"))
         .arg("--master-key-file")
         .arg(dir.join("master.key"))
-        .args(["--dataplane", "userspace"]);
+        .args(["--dataplane", dataplane()]);
     c
 }
 
