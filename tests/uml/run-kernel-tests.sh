@@ -4,6 +4,7 @@
 #
 #   netlink/tests/kernel_*.rs   the kernel backend's own tests
 #   netlink/tests/netns_kernel.rs  the backend-generic namespace scenario, kernel backend
+#   tests/e2e_three_clients.rs  the product's scenario (serve + three agents), kernel backend
 #
 # The test binaries are built on the host (cargo test --no-run) and run unchanged in the guest,
 # which sees the host's files through hostfs. One guest boot runs them all. Exits non-zero if any
@@ -27,6 +28,16 @@ if [ -z "$BINS" ]; then
     echo "run-kernel-tests: no kernel test binaries were built (netlink/tests/kernel_*.rs, netns_kernel.rs)" >&2
     exit 1
 fi
+# The product's scenario (one server, three clients: tests/e2e_three_clients.rs) on kernel WireGuard.
+ROOT_BIN=$(cargo test -j2 --test e2e_three_clients --no-run --message-format=json 2>/dev/null \
+    | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | head -1 || true)
+if [ -z "$ROOT_BIN" ]; then
+    echo "run-kernel-tests: tests/e2e_three_clients.rs did not build" >&2
+    exit 1
+fi
+BINS="$BINS
+$ROOT_BIN"
+export LN_E2E_DATAPLANE=kernel
 echo "$BINS" | sed 's|^|   |'
 
 # Inside the guest the tests must run for real: never inherit the host run's skip switch.
@@ -38,7 +49,7 @@ echo "== booting User-Mode Linux"
 set +e
 # shellcheck disable=SC2086 # BINS is one path per line, none with spaces
 UML_TIMEOUT=${UML_TIMEOUT:-900} UML_MEM=${UML_MEM:-1G} \
-    bash "$HERE/run-in-uml.sh" -- bash "$HERE/guest-run-tests.sh" $BINS 2>&1 | tee "$LOG"
+    bash "$HERE/run-in-uml.sh" --module bridge -- bash "$HERE/guest-run-tests.sh" $BINS 2>&1 | tee "$LOG"
 RC=${PIPESTATUS[0]}
 set -e
 
