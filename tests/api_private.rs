@@ -22,13 +22,17 @@ const SERVER_SEED: [u8; 32] = [1; 32];
 const ADMIN_SEED: [u8; 32] = [9; 32];
 
 fn api_state(dir: &std::path::Path, registration: Registration) -> Arc<ApiState> {
+    api_state_with(dir, registration, IpamConfig::default())
+}
+
+fn api_state_with(
+    dir: &std::path::Path,
+    registration: Registration,
+    ipam: IpamConfig,
+) -> Arc<ApiState> {
     let server = NodeKey::from_seed(&SERVER_SEED);
-    let (mut store, _) = Store::create(
-        &dir.join("state.redb"),
-        server.public(),
-        IpamConfig::default(),
-    )
-    .expect("store");
+    let (mut store, _) =
+        Store::create(&dir.join("state.redb"), server.public(), ipam).expect("store");
     let admin = NodeKey::from_seed(&ADMIN_SEED).public();
     let ops = genesis_ops(
         store.state(),
@@ -912,4 +916,248 @@ async fn the_committed_private_openapi_document_matches_the_code() {
     let (s, v) = call(&private, Method::GET, "/api/openapi.json", None, None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(v, doc);
+}
+
+/// The tokens of every role, for a state where device 2 (the owner) and device 4 (another
+/// customer) have joined.
+struct Tokens {
+    admin: String,
+    owner: JoinResponse,
+    other: JoinResponse,
+    expired: String,
+    foreign: String,
+}
+
+impl Tokens {
+    async fn new(public: &impl Svc, state: &ApiState) -> Tokens {
+        let owner = joined(public, 2, None).await;
+        let other = joined(public, 4, None).await;
+        let admin = admin_token(public).await;
+        let server = NodeKey::from_seed(&SERVER_SEED);
+        let claims = TokenClaims {
+            subject: NodeKey::from_seed(&[2; 32]).public(),
+            node: Some(lemonade_nexus::tree::NodeId(
+                hex::decode(&owner.node_id)
+                    .expect("hex")
+                    .try_into()
+                    .expect("16"),
+            )),
+            cluster: state.root,
+        };
+        let expired = auth::issue_token(server.pair(), &claims, now() - 2 * auth::TOKEN_TTL_MS, 1);
+        let stranger = NodeKey::from_seed(&[77; 32]);
+        let foreign = auth::issue_token(
+            stranger.pair(),
+            &TokenClaims {
+                cluster: stranger.public(),
+                ..claims
+            },
+            now(),
+            2,
+        );
+        Tokens {
+            admin,
+            owner,
+            other,
+            expired,
+            foreign,
+        }
+    }
+
+    fn of(&self, r: Role) -> Option<String> {
+        match r {
+            Admin => Some(self.admin.clone()),
+            Owner => Some(self.owner.token.clone()),
+            Other => Some(self.other.token.clone()),
+            NoToken => None,
+            Expired => Some(self.expired.clone()),
+            Foreign => Some(self.foreign.clone()),
+        }
+    }
+}
+
+/// Subnet allocation and expansion, role by role: only allocate_ip / expand_subnet holders (the
+/// administrator here; a group owner has neither) change the IPAM; bad lengths are 400s with the
+/// allowed range, a full pool and a taken supernet are 409s.
+#[actix_web::test]
+async fn ipam_subnet_routes_answer_every_role_as_its_permissions_say() {
+    let dir = tempfile::tempdir().expect("tmp");
+    // A shared pool of exactly one /20, so it can be exhausted.
+    let cfg = IpamConfig {
+        shared: "172.20.0.0/20".parse().expect("net"),
+        ..IpamConfig::default()
+    };
+    let state = api_state_with(dir.path(), Registration::Open, cfg);
+    let (public, private) = apps!(state);
+    let t = Tokens::new(&public, &state).await;
+    let g = t.owner.group_id.clone();
+
+    for r in ROLES {
+        let (s, v) = call(
+            &private,
+            Method::POST,
+            "/api/ipam/subnets",
+            t.of(r).as_deref(),
+            Some(json!({ "node": g, "pool": "private", "prefix_len": 24 })),
+        )
+        .await;
+        match r {
+            Admin => {
+                assert_eq!(s, StatusCode::CREATED, "{v}");
+                assert_eq!(v["subnet"], json!("10.128.0.0/24"));
+                assert_eq!(v["pool"], json!("private"));
+            }
+            Owner | Other => {
+                assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"), "{r:?}")
+            }
+            _ => assert_eq!(s, StatusCode::UNAUTHORIZED, "{r:?}: {v}"),
+        }
+    }
+    let admin = Some(t.admin.as_str());
+    // A second one in the same pool, a bad length, an unknown node, a bad pool name.
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/ipam/subnets",
+        admin,
+        Some(json!({ "node": g, "pool": "private", "prefix_len": 24 })),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "already_has_subnet"));
+    for len in [8, 15, 31, 255] {
+        let (s, v) = call(
+            &private,
+            Method::POST,
+            "/api/ipam/subnets",
+            admin,
+            Some(json!({ "node": t.other.node_id, "pool": "private", "prefix_len": len })),
+        )
+        .await;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::BAD_REQUEST, "bad_prefix_len"),
+            "/{len}"
+        );
+        let msg = v["error"]["message"].as_str().expect("message");
+        assert!(msg.contains("/16..=/30"), "{msg}");
+    }
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/ipam/subnets",
+        admin,
+        Some(json!({ "node": "ff".repeat(16), "pool": "private", "prefix_len": 24 })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/ipam/subnets",
+        admin,
+        Some(json!({ "node": "00".repeat(16), "pool": "private", "prefix_len": 24 })),
+    )
+    .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::BAD_REQUEST, "wrong_kind"),
+        "the root: {v}"
+    );
+    let (s, _) = call(
+        &private,
+        Method::POST,
+        "/api/ipam/subnets",
+        admin,
+        Some(json!({ "node": g, "pool": "public", "prefix_len": 24 })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    // The shared pool: one /20 fills it; the next request is a clear 409, not a 500.
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/ipam/subnets",
+        admin,
+        Some(json!({ "node": t.other.node_id, "pool": "shared", "prefix_len": 20 })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["subnet"], json!("172.20.0.0/20"));
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/ipam/subnets",
+        admin,
+        Some(json!({ "node": g, "pool": "shared", "prefix_len": 30 })),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "exhausted"), "{v}");
+
+    // Expand the group's /24 to /23.
+    let path = format!("/api/ipam/subnets/{g}/expand");
+    for r in ROLES {
+        let (s, v) = call(
+            &private,
+            Method::POST,
+            &path,
+            t.of(r).as_deref(),
+            Some(json!({ "pool": "private", "prefix_len": 23 })),
+        )
+        .await;
+        match r {
+            Admin => {
+                assert_eq!(s, StatusCode::OK, "{v}");
+                assert_eq!(v["subnet"], json!("10.128.0.0/23"));
+            }
+            Owner | Other => {
+                assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"), "{r:?}")
+            }
+            _ => assert_eq!(s, StatusCode::UNAUTHORIZED, "{r:?}: {v}"),
+        }
+    }
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        &path,
+        admin,
+        Some(json!({ "pool": "private", "prefix_len": 23 })),
+    )
+    .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::BAD_REQUEST, "bad_prefix_len"),
+        "not shorter"
+    );
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        &format!("/api/ipam/subnets/{}/expand", t.owner.node_id),
+        admin,
+        Some(json!({ "pool": "private", "prefix_len": 20 })),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "no_subnet"), "{v}");
+    // A neighbour right after the /23 blocks a /22 (which would cover it).
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/ipam/subnets",
+        admin,
+        Some(json!({ "node": t.owner.node_id, "pool": "private", "prefix_len": 23 })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["subnet"], json!("10.128.2.0/23"));
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        &path,
+        admin,
+        Some(json!({ "pool": "private", "prefix_len": 22 })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let msg = v["error"]["message"].as_str().expect("message");
+    assert!(msg.contains("overlaps"), "{msg}");
 }

@@ -12,6 +12,8 @@
 //! | `POST   /api/heartbeat`            | [`heartbeat`]  | edit_node (the caller's device)    |
 //! | `GET    /api/mesh/peers`           | [`mesh`]       | connect_private (the caller's group)|
 //! | `POST   /api/setup-keys`           | [`setup_keys`] | add_child (the target group)       |
+//! | `POST   /api/ipam/subnets`         | [`ipam`]       | allocate_ip (the node)             |
+//! | `POST   /api/ipam/subnets/{id}/expand` | [`ipam`]   | expand_subnet (the node)           |
 //!
 //! Every route takes a [`Caller`]: the `Authorization: Bearer <token>` header verified with
 //! [`auth::verify_token`] (short-lived, signed by any server of the cluster). A missing, expired
@@ -23,6 +25,7 @@
 //! API's JSON shape.
 
 pub mod heartbeat;
+pub mod ipam;
 pub mod mesh;
 pub mod setup_keys;
 pub mod tree;
@@ -176,7 +179,9 @@ impl utoipa::Modify for BearerScheme {
         tree::delete_node,
         heartbeat::post,
         mesh::get_peers,
-        setup_keys::post
+        setup_keys::post,
+        ipam::allocate,
+        ipam::expand
     ),
     components(schemas(super::ErrorBody, super::ErrorDetail)),
     modifiers(&BearerScheme)
@@ -220,6 +225,11 @@ pub fn routes(state: Arc<ApiState>) -> impl FnOnce(&mut web::ServiceConfig) {
                     .route("/api/heartbeat", web::post().to(heartbeat::post))
                     .route("/api/mesh/peers", web::get().to(mesh::get_peers))
                     .route("/api/setup-keys", web::post().to(setup_keys::post))
+                    .route("/api/ipam/subnets", web::post().to(ipam::allocate))
+                    .route(
+                        "/api/ipam/subnets/{id}/expand",
+                        web::post().to(ipam::expand),
+                    )
                     .route("/api/openapi.json", web::get().to(openapi_json))
                     .default_service(web::to(not_found)),
             );
