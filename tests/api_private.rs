@@ -1161,3 +1161,79 @@ async fn ipam_subnet_routes_answer_every_role_as_its_permissions_say() {
     let msg = v["error"]["message"].as_str().expect("message");
     assert!(msg.contains("overlaps"), "{msg}");
 }
+
+/// The mesh status of a group, role by role: read on the group (its devices, the administrator)
+/// sees each device with its tunnel addresses and reported endpoint; another customer is refused.
+#[actix_web::test]
+async fn mesh_status_answers_every_role_as_its_permissions_say() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = api_state(dir.path(), Registration::Open);
+    let (public, private) = apps!(state);
+    let t = Tokens::new(&public, &state).await;
+    let g = t.owner.group_id.clone();
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/heartbeat",
+        Some(&t.owner.token),
+        Some(json!({ "endpoint": "198.51.100.2:51820" })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    for (path, label) in [
+        ("/api/mesh/status".to_owned(), "own group"),
+        (format!("/api/mesh/status?group={g}"), "named group"),
+    ] {
+        for r in ROLES {
+            let (s, v) = call(&private, Method::GET, &path, t.of(r).as_deref(), None).await;
+            match (r, label) {
+                (Owner, _) | (Admin, "named group") => {
+                    assert_eq!(s, StatusCode::OK, "{r:?} {label}: {v}");
+                    assert_eq!(v["group_id"], json!(g));
+                    let devices = v["devices"].as_array().expect("devices");
+                    assert_eq!(devices.len(), 1, "{v}");
+                    let d = &devices[0];
+                    assert_eq!(d["node_id"], json!(t.owner.node_id));
+                    assert_eq!(d["endpoint"], json!("198.51.100.2:51820"));
+                    assert_eq!(d["is_caller"], json!(r == Owner));
+                    let v4 = d["tunnel_ipv4"].as_str().expect("v4");
+                    assert!(v4.starts_with("10."), "{v4}");
+                    assert!(
+                        d["tunnel_ipv6"]
+                            .as_str()
+                            .expect("v6")
+                            .starts_with("fd6c:6e00")
+                    );
+                    assert!(
+                        v["liveness"]
+                            .as_str()
+                            .expect("liveness")
+                            .contains("not recorded")
+                    );
+                }
+                (Admin, _) => assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "no_device")),
+                (Other, "own group") => {
+                    // Its own group: itself, no endpoint reported yet.
+                    assert_eq!(s, StatusCode::OK, "{v}");
+                    assert_eq!(v["group_id"], json!(t.other.group_id));
+                    assert_eq!(v["devices"][0]["endpoint"], Value::Null);
+                    assert_eq!(v["devices"][0]["is_caller"], json!(true));
+                }
+                (Other, _) => {
+                    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"), "{v}")
+                }
+                _ => assert_eq!(s, StatusCode::UNAUTHORIZED, "{r:?}: {v}"),
+            }
+        }
+    }
+    let (s, v) = call(
+        &private,
+        Method::GET,
+        "/api/mesh/status?group=nothex",
+        Some(&t.admin),
+        None,
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_node_id"));
+}

@@ -11,6 +11,7 @@
 //! | `DELETE /api/tree/{id}`            | [`tree`]       | delete_node (the node)             |
 //! | `POST   /api/heartbeat`            | [`heartbeat`]  | edit_node (the caller's device)    |
 //! | `GET    /api/mesh/peers`           | [`mesh`]       | connect_private (the caller's group)|
+//! | `GET    /api/mesh/status`          | [`mesh`]       | read (the group)                   |
 //! | `POST   /api/setup-keys`           | [`setup_keys`] | add_child (the target group)       |
 //! | `POST   /api/ipam/subnets`         | [`ipam`]       | allocate_ip (the node)             |
 //! | `POST   /api/ipam/subnets/{id}/expand` | [`ipam`]   | expand_subnet (the node)           |
@@ -179,6 +180,7 @@ impl utoipa::Modify for BearerScheme {
         tree::delete_node,
         heartbeat::post,
         mesh::get_peers,
+        mesh::get_status,
         setup_keys::post,
         ipam::allocate,
         ipam::expand
@@ -210,6 +212,10 @@ pub fn routes(state: Arc<ApiState>) -> impl FnOnce(&mut web::ServiceConfig) {
         cfg.app_data(web::Data::from(state))
             .app_data(super::json_config())
             .app_data(
+                web::QueryConfig::default()
+                    .error_handler(|e, _| ApiError::bad_request("bad_query", e.to_string()).into()),
+            )
+            .app_data(
                 web::PathConfig::default()
                     .error_handler(|e, _| ApiError::bad_request("bad_path", e.to_string()).into()),
             )
@@ -224,6 +230,7 @@ pub fn routes(state: Arc<ApiState>) -> impl FnOnce(&mut web::ServiceConfig) {
                     .route("/api/tree/{id}/children", web::post().to(tree::post_child))
                     .route("/api/heartbeat", web::post().to(heartbeat::post))
                     .route("/api/mesh/peers", web::get().to(mesh::get_peers))
+                    .route("/api/mesh/status", web::get().to(mesh::get_status))
                     .route("/api/setup-keys", web::post().to(setup_keys::post))
                     .route("/api/ipam/subnets", web::post().to(ipam::allocate))
                     .route(
