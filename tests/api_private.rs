@@ -1237,3 +1237,103 @@ async fn mesh_status_answers_every_role_as_its_permissions_say() {
     .await;
     assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_node_id"));
 }
+
+/// Link tokens, role by role: a single-use setup key with a short life, made by a member with
+/// add_child on the group; a new device joins the group with it once, a second device cannot.
+#[actix_web::test]
+async fn link_tokens_answer_every_role_and_work_once() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = api_state(dir.path(), Registration::Open);
+    let (public, private) = apps!(state);
+    let t = Tokens::new(&public, &state).await;
+    let g = t.owner.group_id.clone();
+
+    // Naming the owner's group: the owner and the administrator may, the other customer not.
+    let mut made = Vec::new();
+    for r in ROLES {
+        let before = now();
+        let (s, v) = call(
+            &private,
+            Method::POST,
+            "/api/link-tokens",
+            t.of(r).as_deref(),
+            Some(json!({ "group": g })),
+        )
+        .await;
+        match r {
+            Admin | Owner => {
+                assert_eq!(s, StatusCode::CREATED, "{r:?}: {v}");
+                assert_eq!(v["group_id"], json!(g));
+                let exp = v["expires_at_ms"].as_u64().expect("expiry");
+                // The default life is ten minutes.
+                assert!(exp >= before + 600_000 && exp <= now() + 600_000, "{exp}");
+                made.push(v["link_token"].as_str().expect("token").to_owned());
+            }
+            Other => assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"), "{v}"),
+            _ => assert_eq!(s, StatusCode::UNAUTHORIZED, "{r:?}: {v}"),
+        }
+    }
+    // Without a group: the caller's own group; the administrator's token names no device.
+    for r in [Admin, Owner, Other] {
+        let (s, v) = call(
+            &private,
+            Method::POST,
+            "/api/link-tokens",
+            t.of(r).as_deref(),
+            Some(json!({})),
+        )
+        .await;
+        match r {
+            Admin => assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "no_device")),
+            Owner => {
+                assert_eq!(s, StatusCode::CREATED, "{v}");
+                assert_eq!(v["group_id"], json!(g));
+            }
+            _ => {
+                assert_eq!(s, StatusCode::CREATED, "{v}");
+                assert_eq!(v["group_id"], json!(t.other.group_id));
+            }
+        }
+    }
+    // Life: at most 24 hours, at least a second.
+    for (secs, want) in [
+        (86_400u64, StatusCode::CREATED),
+        (86_401, StatusCode::BAD_REQUEST),
+        (0, StatusCode::BAD_REQUEST),
+    ] {
+        let (s, v) = call(
+            &private,
+            Method::POST,
+            "/api/link-tokens",
+            Some(&t.owner.token),
+            Some(json!({ "expires_in_secs": secs })),
+        )
+        .await;
+        assert_eq!(s, want, "{secs}: {v}");
+        if s != StatusCode::CREATED {
+            assert_eq!(code(&v), "bad_expiry");
+        }
+    }
+
+    // The owner's token: device 6 joins the owner's group with it; device 7 cannot reuse it.
+    let owners = &made[1];
+    let d = joined(&public, 6, Some(owners)).await;
+    assert_eq!(d.group_id, g);
+    let (s, v) = join(&public, 7, Some(owners)).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::FORBIDDEN, "setup_key_invalid"),
+        "{v}"
+    );
+    // The new device sees its group's status (the owner and itself).
+    let (s, v) = call(
+        &private,
+        Method::GET,
+        "/api/mesh/status",
+        Some(&d.token),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["devices"].as_array().expect("devices").len(), 2, "{v}");
+}

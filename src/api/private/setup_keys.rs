@@ -202,10 +202,32 @@ pub async fn post(
     body: web::Json<CreateKeyBody>,
 ) -> Result<HttpResponse, ApiError> {
     let group = parse_node_id(&body.group)?;
-    if body.expires_in_secs == 0 || body.expires_in_secs > MAX_TTL_SECS {
+    let created = create(
+        &state,
+        caller,
+        group,
+        body.reusable,
+        body.expires_in_secs,
+        MAX_TTL_SECS,
+    )
+    .await?;
+    Ok(HttpResponse::Created().json(created))
+}
+
+/// Makes a key for `group` valid `expires_in_secs` (1..=`max_secs`) after checking add_child on
+/// it; shared with link tokens (single-use setup keys, [`super::link_tokens`]).
+pub async fn create(
+    state: &web::Data<ApiState>,
+    caller: Caller,
+    group: NodeId,
+    reusable: bool,
+    expires_in_secs: u64,
+    max_secs: u64,
+) -> Result<CreateKeyResponse, ApiError> {
+    if expires_in_secs == 0 || expires_in_secs > max_secs {
         return Err(ApiError::bad_request(
             "bad_expiry",
-            format!("expires_in_secs must be 1..={MAX_TTL_SECS}"),
+            format!("expires_in_secs must be 1..={max_secs}"),
         ));
     }
     {
@@ -227,8 +249,8 @@ pub async fn post(
         expires_at_ms: state
             .clock
             .now_ms()
-            .saturating_add(body.expires_in_secs.saturating_mul(1000)),
-        reusable: body.reusable,
+            .saturating_add(expires_in_secs.saturating_mul(1000)),
+        reusable,
     };
     let op = OpBody::Tree(TreeOp::Update {
         node: group,
@@ -241,12 +263,12 @@ pub async fn post(
     web::block(move || append_for(&st, &caller, op))
         .await
         .map_err(ApiError::internal)??;
-    Ok(HttpResponse::Created().json(CreateKeyResponse {
+    Ok(CreateKeyResponse {
         setup_key: secret,
         group_id: group.to_string(),
         reusable: terms.reusable,
         expires_at_ms: terms.expires_at_ms,
-    }))
+    })
 }
 
 #[cfg(test)]
