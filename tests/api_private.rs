@@ -1337,3 +1337,192 @@ async fn link_tokens_answer_every_role_and_work_once() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["devices"].as_array().expect("devices").len(), 2, "{v}");
 }
+
+/// A change signed by the caller (`POST /api/ops`), role by role: appended with the author's proof
+/// when the signer may cause it; refused when signed by another key than the token's, when the
+/// signer lacks the permission, when replayed, or when the envelope is bad.
+#[actix_web::test]
+async fn client_signed_ops_answer_every_role_as_its_permissions_say() {
+    use lemonade_nexus::op::{self, OpBody};
+    use lemonade_nexus::tree::{NodeField, NodeId, TreeOp};
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = api_state(dir.path(), Registration::Open);
+    let (public, private) = apps!(state);
+    let t = Tokens::new(&public, &state).await;
+    let g = t.owner.group_id.clone();
+    let group = NodeId(hex::decode(&g).expect("hex").try_into().expect("16"));
+    let signer = |r: Role| match r {
+        Admin => NodeKey::from_seed(&ADMIN_SEED),
+        Other => NodeKey::from_seed(&[4; 32]),
+        _ => NodeKey::from_seed(&[2; 32]),
+    };
+    let request = |key: &NodeKey, value: &str, nonce: u64| {
+        let body = OpBody::Tree(TreeOp::Update {
+            node: group,
+            field: NodeField::Metadata {
+                key: "note".into(),
+                value: Some(value.into()),
+            },
+        });
+        STANDARD.encode(op::seal_request(
+            key.pair(),
+            &body,
+            now(),
+            now() + 60_000,
+            nonce,
+        ))
+    };
+    for (i, r) in ROLES.into_iter().enumerate() {
+        let req = request(&signer(r), &format!("by-{r:?}"), i as u64);
+        let (s, v) = call(
+            &private,
+            Method::POST,
+            "/api/ops",
+            t.of(r).as_deref(),
+            Some(json!({ "request": req })),
+        )
+        .await;
+        match r {
+            Admin | Owner => {
+                assert_eq!(s, StatusCode::CREATED, "{r:?}: {v}");
+                assert_eq!(v["author"], json!(signer(r).public().to_string()));
+                let (_, n) = call(
+                    &private,
+                    Method::GET,
+                    &format!("/api/tree/{g}"),
+                    Some(&t.admin),
+                    None,
+                )
+                .await;
+                assert_eq!(n["metadata"]["note"], json!(format!("by-{r:?}")), "{n}");
+            }
+            Other => assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"), "{v}"),
+            _ => assert_eq!(s, StatusCode::UNAUTHORIZED, "{r:?}: {v}"),
+        }
+    }
+    // The owner's request sent with the other customer's token: not its own signature.
+    let owners = request(&signer(Owner), "stolen", 100);
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/ops",
+        Some(&t.other.token),
+        Some(json!({ "request": owners })),
+    )
+    .await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::FORBIDDEN, "author_mismatch"),
+        "{v}"
+    );
+    // What the routes refuse, a signed op cannot do: a server node (its owner could sign
+    // cluster tokens), a reserved metadata key (a setup key), an owner change without admin.
+    let policy = [
+        OpBody::Tree(TreeOp::Create {
+            parent: group,
+            kind: lemonade_nexus::tree::NodeKind::Server,
+            hostname: "evil".into(),
+            owner: Some(signer(Owner).public()),
+            wg_pubkey: None,
+        }),
+        OpBody::Tree(TreeOp::Update {
+            node: group,
+            field: NodeField::Metadata {
+                key: "ln:sk:00".into(),
+                value: Some("99999999999999:reusable".into()),
+            },
+        }),
+    ];
+    for (i, body) in policy.iter().enumerate() {
+        let req = STANDARD.encode(op::seal_request(
+            signer(Owner).pair(),
+            body,
+            now(),
+            now() + 60_000,
+            200 + i as u64,
+        ));
+        let (s, v) = call(
+            &private,
+            Method::POST,
+            "/api/ops",
+            Some(&t.owner.token),
+            Some(json!({ "request": req })),
+        )
+        .await;
+        assert_eq!(
+            (s, code(&v)),
+            (StatusCode::BAD_REQUEST, "op_not_allowed"),
+            "{i}: {v}"
+        );
+    }
+    let owner_change = OpBody::Tree(TreeOp::Update {
+        node: group,
+        field: NodeField::Owner(Some(signer(Owner).public())),
+    });
+    let req = STANDARD.encode(op::seal_request(
+        signer(Owner).pair(),
+        &owner_change,
+        now(),
+        now() + 60_000,
+        210,
+    ));
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/ops",
+        Some(&t.owner.token),
+        Some(json!({ "request": req })),
+    )
+    .await;
+    assert_eq!((s, code(&v)), (StatusCode::FORBIDDEN, "forbidden"), "{v}");
+    // A request takes effect once.
+    let once = request(&signer(Owner), "once", 101);
+    for want in [StatusCode::CREATED, StatusCode::CONFLICT] {
+        let (s, v) = call(
+            &private,
+            Method::POST,
+            "/api/ops",
+            Some(&t.owner.token),
+            Some(json!({ "request": once })),
+        )
+        .await;
+        assert_eq!(s, want, "{v}");
+        if s == StatusCode::CONFLICT {
+            assert_eq!(code(&v), "refused_by_state");
+        }
+    }
+    // Not base64; a flipped byte (bad signature); an expired request.
+    let mut flipped = STANDARD
+        .decode(request(&signer(Owner), "x", 102))
+        .expect("b64");
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    let expired = {
+        let body = OpBody::Tree(TreeOp::Update {
+            node: group,
+            field: NodeField::Hostname("late".into()),
+        });
+        STANDARD.encode(op::seal_request(
+            signer(Owner).pair(),
+            &body,
+            now() - 120_000,
+            now() - 60_000,
+            103,
+        ))
+    };
+    for (req, want) in [
+        ("%%%".to_owned(), "bad_request_encoding"),
+        (STANDARD.encode(&flipped), "bad_signed_request"),
+        (expired, "bad_signed_request"),
+    ] {
+        let (s, v) = call(
+            &private,
+            Method::POST,
+            "/api/ops",
+            Some(&t.owner.token),
+            Some(json!({ "request": req })),
+        )
+        .await;
+        assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, want), "{v}");
+    }
+}

@@ -14,6 +14,7 @@
 //! | `GET    /api/mesh/status`          | [`mesh`]       | read (the group)                   |
 //! | `POST   /api/setup-keys`           | [`setup_keys`] | add_child (the target group)       |
 //! | `POST   /api/link-tokens`          | [`link_tokens`]| add_child (the group)              |
+//! | `POST   /api/ops`                  | [`ops`]        | the op's (authz table), by its signer |
 //! | `POST   /api/ipam/subnets`         | [`ipam`]       | allocate_ip (the node)             |
 //! | `POST   /api/ipam/subnets/{id}/expand` | [`ipam`]   | expand_subnet (the node)           |
 //!
@@ -30,6 +31,7 @@ pub mod heartbeat;
 pub mod ipam;
 pub mod link_tokens;
 pub mod mesh;
+pub mod ops;
 pub mod setup_keys;
 pub mod tree;
 
@@ -186,7 +188,8 @@ impl utoipa::Modify for BearerScheme {
         setup_keys::post,
         ipam::allocate,
         ipam::expand,
-        link_tokens::post
+        link_tokens::post,
+        ops::post
     ),
     components(schemas(super::ErrorBody, super::ErrorDetail)),
     modifiers(&BearerScheme)
@@ -235,6 +238,7 @@ pub fn routes(state: Arc<ApiState>) -> impl FnOnce(&mut web::ServiceConfig) {
                     .route("/api/mesh/peers", web::get().to(mesh::get_peers))
                     .route("/api/mesh/status", web::get().to(mesh::get_status))
                     .route("/api/setup-keys", web::post().to(setup_keys::post))
+                    .route("/api/ops", web::post().to(ops::post))
                     .route("/api/link-tokens", web::post().to(link_tokens::post))
                     .route("/api/ipam/subnets", web::post().to(ipam::allocate))
                     .route(
