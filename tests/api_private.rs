@@ -1157,7 +1157,7 @@ async fn ipam_subnet_routes_answer_every_role_as_its_permissions_say() {
         Some(json!({ "pool": "private", "prefix_len": 22 })),
     )
     .await;
-    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!((s, code(&v)), (StatusCode::CONFLICT, "overlap"), "{v}");
     let msg = v["error"]["message"].as_str().expect("message");
     assert!(msg.contains("overlaps"), "{msg}");
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Caller, append_for, parse_node_id, require};
 use crate::api::{ApiError, ApiState};
-use crate::ipam::{IpamConfig, IpamError, IpamOp, LenRange, SubnetPool};
+use crate::ipam::{IpamConfig, IpamError, IpamOp, LenRange, Subnet, SubnetPool};
 use crate::op::OpBody;
 use crate::tree::{NodeKind, Permission};
 
@@ -196,6 +196,18 @@ pub async fn expand(
                     current.len
                 ),
             ));
+        }
+        // Refuse a taken supernet here rather than append an op the state would fold with no
+        // effect (it checks the same; this only keeps such refusals out of the log).
+        let wider = Subnet {
+            base: current.base & !(u32::MAX.checked_shr(u32::from(len)).unwrap_or(0)),
+            len,
+        };
+        let taken = ipam.data().subnets.iter().find(|((p, n), s)| {
+            *p == pool && *n != node && s.base <= wider.last() && wider.base <= s.last()
+        });
+        if let Some((_, s)) = taken {
+            return Err(ipam_error(IpamError::Overlap(*s)));
         }
     }
     let op = OpBody::Ipam(IpamOp::ExpandSubnet { pool, node, len });
