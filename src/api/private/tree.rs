@@ -243,19 +243,9 @@ pub async fn post_child(
         owner,
         wg_pubkey: wg,
     });
-    let st = state.clone().into_inner();
-    let c = caller.clone();
-    let seq = web::block(move || append_for(&st, &c, op))
-        .await
-        .map_err(ApiError::internal)??;
+    let seq = append_blocking(&state, &caller, op).await?;
     let id = NodeId::derive(&state.server.public(), seq);
-    let store = state.lock_store();
-    let n = store
-        .state()
-        .tree()
-        .get(&id)
-        .ok_or_else(|| ApiError::internal("created node missing"))?;
-    Ok(HttpResponse::Created().json(NodeView::of(n, store.state().ipam())))
+    Ok(HttpResponse::Created().json(view(&state, id, "created node missing")?))
 }
 
 /// `PATCH /api/tree/{id}` body: the fields to change (absent = unchanged).
@@ -319,25 +309,16 @@ pub async fn patch_node(
         }
         fields.push(NodeField::Metadata { key, value });
     }
-    {
-        let store = state.lock_store();
-        require(store.state().tree(), &caller, Permission::EditNode, node)?;
-    }
+    require_now(&state, &caller, Permission::EditNode, node)?;
     for field in fields {
-        let st = state.clone().into_inner();
-        let c = caller.clone();
-        let op = OpBody::Tree(TreeOp::Update { node, field });
-        web::block(move || append_for(&st, &c, op))
-            .await
-            .map_err(ApiError::internal)??;
+        append_blocking(
+            &state,
+            &caller,
+            OpBody::Tree(TreeOp::Update { node, field }),
+        )
+        .await?;
     }
-    let store = state.lock_store();
-    let n = store
-        .state()
-        .tree()
-        .get(&node)
-        .ok_or_else(|| ApiError::internal("updated node missing"))?;
-    Ok(HttpResponse::Ok().json(NodeView::of(n, store.state().ipam())))
+    Ok(HttpResponse::Ok().json(view(&state, node, "updated node missing")?))
 }
 
 /// `DELETE /api/tree/{id}`: deletes a leaf node. Permission: delete_node, on the node.
@@ -365,13 +346,44 @@ pub async fn delete_node(
     if node == NodeId::ROOT {
         return Err(ApiError::bad_request("root", "the root cannot be deleted"));
     }
-    {
-        let store = state.lock_store();
-        require(store.state().tree(), &caller, Permission::DeleteNode, node)?;
-    }
-    let st = state.clone().into_inner();
-    web::block(move || append_for(&st, &caller, OpBody::Tree(TreeOp::Delete { node })))
-        .await
-        .map_err(ApiError::internal)??;
+    require_now(&state, &caller, Permission::DeleteNode, node)?;
+    append_blocking(&state, &caller, OpBody::Tree(TreeOp::Delete { node })).await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// Checks `perm` on `node` under a short store lock, so a refusal is answered before any write
+/// (`append_for` checks the op again when it appends).
+fn require_now(
+    state: &ApiState,
+    caller: &Caller,
+    perm: Permission,
+    node: NodeId,
+) -> Result<(), ApiError> {
+    let store = state.lock_store();
+    require(store.state().tree(), caller, perm, node)
+}
+
+/// Appends `op` as `caller` on the blocking pool (the store write syncs to disk); returns its
+/// sequence number.
+async fn append_blocking(
+    state: &web::Data<ApiState>,
+    caller: &Caller,
+    op: OpBody,
+) -> Result<u64, ApiError> {
+    let st = state.clone().into_inner();
+    let c = caller.clone();
+    web::block(move || append_for(&st, &c, op))
+        .await
+        .map_err(ApiError::internal)?
+}
+
+/// The current view of `id`; `missing` is the internal error's message if it is absent.
+fn view(state: &ApiState, id: NodeId, missing: &'static str) -> Result<NodeView, ApiError> {
+    let store = state.lock_store();
+    let n = store
+        .state()
+        .tree()
+        .get(&id)
+        .ok_or_else(|| ApiError::internal(missing))?;
+    Ok(NodeView::of(n, store.state().ipam()))
 }
