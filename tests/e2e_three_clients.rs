@@ -11,63 +11,19 @@
 
 #[path = "../netlink/tests/common/mod.rs"]
 mod common;
+mod e2e_common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Netns, must, unique_name};
+use e2e_common::{Proc, spawn_lines, wait_line};
 use lemonade_nexus::api::client::PinnedClient;
 use lemonade_nexus::api::join::JoinResponse;
 use lemonade_nexus::tls::JoinUrl;
 
 const SRV_UNDERLAY: &str = "192.168.233.1";
-
-/// A child process killed (SIGKILL) on drop if still running.
-struct Proc {
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Spawns `cmd` with stdout piped into a channel of lines (echoed to stderr with `tag`).
-fn spawn_lines(mut cmd: Command, tag: &'static str) -> (Proc, Receiver<String>) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            eprintln!("{tag}: {line}");
-            let _ = tx.send(line);
-        }
-    });
-    (Proc { child }, rx)
-}
-
-/// Waits for a line starting with `prefix`; returns the rest.
-fn wait_line(rx: &Receiver<String>, prefix: &str, within: Duration) -> String {
-    let deadline = Instant::now() + within;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no line starting with {prefix:?} within {within:?}"));
-        if let Some(rest) = line.strip_prefix(prefix) {
-            return rest.trim().to_owned();
-        }
-    }
-}
 
 /// The WireGuard backend under test: `userspace` (wireguard-go; the default, for hosts without
 /// kernel WireGuard) or `kernel` (set `LN_E2E_DATAPLANE=kernel`, as inside User-Mode Linux).
