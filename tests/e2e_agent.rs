@@ -15,11 +15,11 @@ mod common;
 mod e2e_common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Netns, must, run, unique_name};
-use e2e_common::{Proc, spawn_lines, wait_line};
+use e2e_common::{Proc, ping, spawn_lines, veth_pair, wait_line};
 use lemonade_nexus::api::join::JoinResponse;
 
 const SRV_UNDERLAY: &str = "192.168.232.1";
@@ -93,23 +93,6 @@ fn stop_process(mut p: Proc, what: &str) {
     }
 }
 
-fn ping(ns: &Netns, to: &str, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        let ok = ns
-            .cmd("ping")
-            .args(["-c", "1", "-W", "1", to])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return true;
-        }
-    }
-    false
-}
-
 fn status_json(mut c: Command) -> serde_json::Value {
     let out = must(c.args(["status", "--json"]));
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
@@ -135,15 +118,7 @@ fn server_row(v: &serde_json::Value, addr: &str) -> serde_json::Value {
 fn agent_status_drift_restart_and_leave() {
     let srv = Netns::new("as");
     let cli = Netns::new("ac");
-    let (vs, vc) = (unique_name("vs"), unique_name("vc"));
-    common::ip(&[
-        "link", "add", &vs, "netns", &srv.name, "type", "veth", "peer", "name", &vc, "netns",
-        &cli.name,
-    ]);
-    srv.ip(&["address", "add", &format!("{SRV_UNDERLAY}/24"), "dev", &vs]);
-    srv.ip(&["link", "set", &vs, "up"]);
-    cli.ip(&["address", "add", &format!("{CLI_UNDERLAY}/24"), "dev", &vc]);
-    cli.ip(&["link", "set", &vc, "up"]);
+    veth_pair(&srv, &cli, SRV_UNDERLAY, CLI_UNDERLAY);
     let sif = unique_name("ls");
     let cif = unique_name("lc");
     srv.own_uapi_socket(&sif);

@@ -6,33 +6,23 @@
 
 #[path = "../netlink/tests/common/mod.rs"]
 mod common;
+mod e2e_common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Netns, must, unique_name};
+use e2e_common::{Proc, spawn_lines, veth_pair, wait_line};
 use lemonade_nexus::api::join::JoinResponse;
 use lemonade_nexus::tls::{JoinUrl, Pin};
 
 const SRV_UNDERLAY: &str = "192.168.232.1";
 const CLI_UNDERLAY: &str = "192.168.232.2";
 
-/// A `serve` process; killed on drop.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_server(ns: &Netns, dir: &std::path::Path, ifname: &str) -> (Server, JoinUrl) {
-    let mut child = ns
-        .cmd(env!("CARGO_BIN_EXE_lemonade-nexus"))
-        .args(["--config", "/dev/null", "--data-dir"])
+/// Starts `serve` inside `ns` and waits for its start-up summary; returns the join URL.
+fn start_server(ns: &Netns, dir: &std::path::Path, ifname: &str) -> (Proc, JoinUrl) {
+    let mut c = ns.cmd(env!("CARGO_BIN_EXE_lemonade-nexus"));
+    c.args(["--config", "/dev/null", "--data-dir"])
         .arg(dir.join("data"))
         .arg("--master-key-file")
         .arg(dir.join("master.key"))
@@ -46,25 +36,9 @@ fn start_server(ns: &Netns, dir: &std::path::Path, ifname: &str) -> (Server, Joi
             ifname,
             "--public-host",
             SRV_UNDERLAY,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let server = Server(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            eprintln!("serve: {line}");
-            if let Some(url) = line.strip_prefix("join URL:") {
-                let _ = tx.send(url.trim().to_owned());
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("serve printed its join URL within 60 s");
+        ]);
+    let (server, rx) = spawn_lines(c, "serve");
+    let url = wait_line(&rx, "join URL:", Duration::from_secs(60));
     (server, JoinUrl::parse(&url).expect("valid join URL"))
 }
 
@@ -106,15 +80,7 @@ async fn get_tree(host: &str, port: u16, pin: Pin, token: Option<&str>) -> Resul
 fn the_private_api_answers_through_the_tunnel_and_not_on_the_public_plane() {
     let srv = Netns::new("ps");
     let cli = Netns::new("pc");
-    let (vs, vc) = (unique_name("vs"), unique_name("vc"));
-    common::ip(&[
-        "link", "add", &vs, "netns", &srv.name, "type", "veth", "peer", "name", &vc, "netns",
-        &cli.name,
-    ]);
-    srv.ip(&["address", "add", &format!("{SRV_UNDERLAY}/24"), "dev", &vs]);
-    srv.ip(&["link", "set", &vs, "up"]);
-    cli.ip(&["address", "add", &format!("{CLI_UNDERLAY}/24"), "dev", &vc]);
-    cli.ip(&["link", "set", &vc, "up"]);
+    veth_pair(&srv, &cli, SRV_UNDERLAY, CLI_UNDERLAY);
     let (sif, cif) = (unique_name("ls"), unique_name("lc"));
     srv.own_uapi_socket(&sif);
     cli.own_uapi_socket(&cif);

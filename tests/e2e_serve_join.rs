@@ -9,35 +9,22 @@
 
 #[path = "../netlink/tests/common/mod.rs"]
 mod common;
+mod e2e_common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Netns, must, unique_name};
+use e2e_common::{Proc, ping, spawn_lines, veth_pair, wait_line};
 use lemonade_nexus::api::join::JoinResponse;
 use lemonade_nexus::tls::JoinUrl;
 
 const SRV_UNDERLAY: &str = "192.168.231.1";
 const CLI_UNDERLAY: &str = "192.168.231.2";
 
-/// A `serve` process; killed (SIGKILL) on drop.
-struct Server {
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Starts `serve` inside `ns` and waits for its start-up summary; returns the join URL.
-fn start_server(ns: &Netns, dir: &std::path::Path, ifname: &str) -> (Server, JoinUrl) {
-    let mut child = ns
-        .cmd(env!("CARGO_BIN_EXE_lemonade-nexus"))
-        .args(["--config", "/dev/null", "--data-dir"])
+fn start_server(ns: &Netns, dir: &std::path::Path, ifname: &str) -> (Proc, JoinUrl) {
+    let mut c = ns.cmd(env!("CARGO_BIN_EXE_lemonade-nexus"));
+    c.args(["--config", "/dev/null", "--data-dir"])
         .arg(dir.join("data"))
         .arg("--master-key-file")
         .arg(dir.join("master.key"))
@@ -53,25 +40,9 @@ fn start_server(ns: &Netns, dir: &std::path::Path, ifname: &str) -> (Server, Joi
             ifname,
             "--public-host",
             SRV_UNDERLAY,
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let server = Server { child };
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            eprintln!("serve: {line}");
-            if let Some(url) = line.strip_prefix("join URL:") {
-                let _ = tx.send(url.trim().to_owned());
-            }
-        }
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("serve printed its join URL within 60 s");
+        ]);
+    let (server, rx) = spawn_lines(c, "serve");
+    let url = wait_line(&rx, "join URL:", Duration::from_secs(60));
     (server, JoinUrl::parse(&url).expect("valid join URL"))
 }
 
@@ -79,36 +50,11 @@ fn wg_allowed_ips(ns: &Netns, ifname: &str) -> String {
     must(ns.cmd("wg").args(["show", ifname, "allowed-ips"]))
 }
 
-fn ping(ns: &Netns, to: &str, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        let ok = ns
-            .cmd("ping")
-            .args(["-c", "1", "-W", "1", to])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return true;
-        }
-    }
-    false
-}
-
 #[test]
 fn serve_join_traffic_and_recovery_after_kill_9() {
     let srv = Netns::new("es");
     let cli = Netns::new("ec");
-    let (vs, vc) = (unique_name("vs"), unique_name("vc"));
-    common::ip(&[
-        "link", "add", &vs, "netns", &srv.name, "type", "veth", "peer", "name", &vc, "netns",
-        &cli.name,
-    ]);
-    srv.ip(&["address", "add", &format!("{SRV_UNDERLAY}/24"), "dev", &vs]);
-    srv.ip(&["link", "set", &vs, "up"]);
-    cli.ip(&["address", "add", &format!("{CLI_UNDERLAY}/24"), "dev", &vc]);
-    cli.ip(&["link", "set", &vc, "up"]);
+    veth_pair(&srv, &cli, SRV_UNDERLAY, CLI_UNDERLAY);
 
     let sif = unique_name("ls");
     let cif = unique_name("lc");

@@ -1,12 +1,14 @@
-//! Process helpers shared by the end-to-end tests (`tests/e2e_*.rs`): a child process killed on
-//! drop, and its stdout read as a channel of lines. The namespace harness is
-//! `netlink/tests/common`.
+//! Helpers shared by the end-to-end tests (`tests/e2e_*.rs`): a child process killed on drop,
+//! its stdout read as a channel of lines, a veth pair between two namespaces, and ping. The
+//! namespace harness itself is `netlink/tests/common` (each test declares it as `mod common`).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
+
+use crate::common::{Netns, unique_name};
 
 /// A child process killed (SIGKILL) on drop if still running.
 pub struct Proc {
@@ -50,4 +52,35 @@ pub fn wait_line(rx: &Receiver<String>, prefix: &str, within: Duration) -> Strin
             return rest.trim().to_owned();
         }
     }
+}
+
+/// Links namespaces `srv` and `cli` by a veth pair, addressed `srv_addr/24` and `cli_addr/24`.
+pub fn veth_pair(srv: &Netns, cli: &Netns, srv_addr: &str, cli_addr: &str) {
+    let (vs, vc) = (unique_name("vs"), unique_name("vc"));
+    crate::common::ip(&[
+        "link", "add", &vs, "netns", &srv.name, "type", "veth", "peer", "name", &vc, "netns",
+        &cli.name,
+    ]);
+    srv.ip(&["address", "add", &format!("{srv_addr}/24"), "dev", &vs]);
+    srv.ip(&["link", "set", &vs, "up"]);
+    cli.ip(&["address", "add", &format!("{cli_addr}/24"), "dev", &vc]);
+    cli.ip(&["link", "set", &vc, "up"]);
+}
+
+/// Pings `to` from `ns` until one answer arrives or `within` has passed.
+pub fn ping(ns: &Netns, to: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let ok = ns
+            .cmd("ping")
+            .args(["-c", "1", "-W", "1", to])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return true;
+        }
+    }
+    false
 }
