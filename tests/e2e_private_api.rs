@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Netns, must, unique_name};
-use e2e_common::{Proc, spawn_lines, veth_pair, wait_line};
+use e2e_common::{Proc, start_serve, veth_pair};
 use lemonade_nexus::api::join::JoinResponse;
 use lemonade_nexus::tls::{JoinUrl, Pin};
 
@@ -21,25 +21,7 @@ const CLI_UNDERLAY: &str = "192.168.232.2";
 
 /// Starts `serve` inside `ns` and waits for its start-up summary; returns the join URL.
 fn start_server(ns: &Netns, dir: &std::path::Path, ifname: &str) -> (Proc, JoinUrl) {
-    let mut c = ns.cmd(env!("CARGO_BIN_EXE_lemonade-nexus"));
-    c.args(["--config", "/dev/null", "--data-dir"])
-        .arg(dir.join("data"))
-        .arg("--master-key-file")
-        .arg(dir.join("master.key"))
-        .args([
-            "--dataplane",
-            "userspace",
-            "--listen-api",
-            &format!("{SRV_UNDERLAY}:9100"),
-            "serve",
-            "--wg-interface",
-            ifname,
-            "--public-host",
-            SRV_UNDERLAY,
-        ]);
-    let (server, rx) = spawn_lines(c, "serve");
-    let url = wait_line(&rx, "join URL:", Duration::from_secs(60));
-    (server, JoinUrl::parse(&url).expect("valid join URL"))
+    start_serve(ns, dir, ifname, SRV_UNDERLAY, &[])
 }
 
 /// `GET /api/tree` over pinned TLS to `host:port`; the HTTP status, or the connection error.

@@ -14,7 +14,7 @@ mod e2e_common;
 use std::time::Duration;
 
 use common::{Netns, must, unique_name};
-use e2e_common::{Proc, ping, spawn_lines, veth_pair, wait_line};
+use e2e_common::{Proc, ping, start_serve, veth_pair};
 use lemonade_nexus::api::join::JoinResponse;
 use lemonade_nexus::tls::JoinUrl;
 
@@ -23,27 +23,7 @@ const CLI_UNDERLAY: &str = "192.168.231.2";
 
 /// Starts `serve` inside `ns` and waits for its start-up summary; returns the join URL.
 fn start_server(ns: &Netns, dir: &std::path::Path, ifname: &str) -> (Proc, JoinUrl) {
-    let mut c = ns.cmd(env!("CARGO_BIN_EXE_lemonade-nexus"));
-    c.args(["--config", "/dev/null", "--data-dir"])
-        .arg(dir.join("data"))
-        .arg("--master-key-file")
-        .arg(dir.join("master.key"))
-        .args([
-            "--dataplane",
-            "userspace",
-            "--listen-api",
-            &format!("{SRV_UNDERLAY}:9100"),
-            "--log-level",
-            "info",
-            "serve",
-            "--wg-interface",
-            ifname,
-            "--public-host",
-            SRV_UNDERLAY,
-        ]);
-    let (server, rx) = spawn_lines(c, "serve");
-    let url = wait_line(&rx, "join URL:", Duration::from_secs(60));
-    (server, JoinUrl::parse(&url).expect("valid join URL"))
+    start_serve(ns, dir, ifname, SRV_UNDERLAY, &["--log-level", "info"])
 }
 
 fn wg_allowed_ips(ns: &Netns, ifname: &str) -> String {

@@ -94,21 +94,7 @@ impl Client {
     }
 
     fn ping(&self, to: &str, within: Duration) -> bool {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            let ok = self
-                .ns
-                .cmd("ping")
-                .args(["-c", "1", "-W", "1", to])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if ok {
-                return true;
-            }
-        }
-        false
+        e2e_common::ping(&self.ns, to, within)
     }
 
     /// Whether a TCP connection to `host:port` succeeds within 2 s.

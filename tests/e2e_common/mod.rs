@@ -1,5 +1,6 @@
 //! Helpers shared by the end-to-end tests (`tests/e2e_*.rs`): a child process killed on drop,
-//! its stdout read as a channel of lines, a veth pair between two namespaces, and ping. The
+//! its stdout read as a channel of lines, `serve` started in a namespace, a veth pair between two
+//! namespaces, and ping. The
 //! namespace harness itself is `netlink/tests/common` (each test declares it as `mod common`).
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
@@ -9,6 +10,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use crate::common::{Netns, unique_name};
+use lemonade_nexus::tls::JoinUrl;
 
 /// A child process killed (SIGKILL) on drop if still running.
 pub struct Proc {
@@ -83,4 +85,31 @@ pub fn ping(ns: &Netns, to: &str, within: Duration) -> bool {
         }
     }
     false
+}
+
+/// Starts `serve` (userspace backend, API on `host:9100`, data under `dir`) inside `ns` with the
+/// global options `extra`, and waits for its start-up summary; returns the join URL.
+pub fn start_serve(
+    ns: &Netns,
+    dir: &std::path::Path,
+    ifname: &str,
+    host: &str,
+    extra: &[&str],
+) -> (Proc, JoinUrl) {
+    let mut c = ns.cmd(env!("CARGO_BIN_EXE_lemonade-nexus"));
+    c.args(["--config", "/dev/null", "--data-dir"])
+        .arg(dir.join("data"))
+        .arg("--master-key-file")
+        .arg(dir.join("master.key"))
+        .args([
+            "--dataplane",
+            "userspace",
+            "--listen-api",
+            &format!("{host}:9100"),
+        ])
+        .args(extra)
+        .args(["serve", "--wg-interface", ifname, "--public-host", host]);
+    let (server, rx) = spawn_lines(c, "serve");
+    let url = wait_line(&rx, "join URL:", Duration::from_secs(60));
+    (server, JoinUrl::parse(&url).expect("valid join URL"))
 }
