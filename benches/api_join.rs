@@ -29,11 +29,10 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lemonade_nexus::api::auth::{ChallengeResponse, make_proof};
 use lemonade_nexus::api::client::PinnedClient;
 use lemonade_nexus::api::join::Registration;
-use lemonade_nexus::api::{self, ApiState, DataplaneInfo, Settings};
+use lemonade_nexus::api::{self, ApiState};
 use lemonade_nexus::identity::NodeKey;
 use lemonade_nexus::ipam::IpamConfig;
-use lemonade_nexus::server::genesis_ops;
-use lemonade_nexus::store::Store;
+use lemonade_nexus::testkit;
 use lemonade_nexus::tls::{self, JoinUrl};
 use serde_json::json;
 
@@ -43,39 +42,13 @@ const STATE_RESET: u64 = 1024;
 
 fn state(dir: &std::path::Path) -> Arc<ApiState> {
     let server = NodeKey::from_seed(&[1; 32]);
-    let (mut store, _) = Store::create(
-        &dir.join("state.redb"),
-        server.public(),
+    Arc::new(testkit::genesis_api_state(
+        dir,
+        server,
+        Registration::Open,
+        None,
         IpamConfig::default(),
-    )
-    .expect("store");
-    let ops =
-        genesis_ops(store.state(), &server.public(), [5; 32], "srv", None, true).expect("genesis");
-    let batch = ops
-        .into_iter()
-        .map(|b| (server.public(), b, None))
-        .collect();
-    for r in store
-        .append_local_batch(&server, batch, 1_000)
-        .expect("append")
-    {
-        r.expect("genesis op");
-    }
-    let settings = Settings {
-        registration: Registration::Open,
-        wg_public_key: [5; 32],
-        wg_port: 51940,
-        public_host: Some("203.0.113.7".into()),
-        private_api_port: 9101,
-        api_port: 9100,
-        tls_pin: None,
-    };
-    let dp = DataplaneInfo {
-        backend: "none".into(),
-        fallback_reason: None,
-        interface: None,
-    };
-    Arc::new(ApiState::new(server, store, settings, dp, None))
+    ))
 }
 
 fn now_ms() -> u64 {

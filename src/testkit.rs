@@ -83,3 +83,46 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// An in-process API server state at genesis, for API tests and benches: a store in `dir`
+/// created by `server` with `ipam`, the genesis ops appended (optionally granting `admin`), and
+/// fixed public settings (WireGuard key `[5; 32]`, host 203.0.113.7, no dataplane, no TLS pin).
+pub fn genesis_api_state(
+    dir: &std::path::Path,
+    server: NodeKey,
+    registration: crate::api::join::Registration,
+    admin: Option<PublicKey>,
+    ipam: crate::ipam::IpamConfig,
+) -> crate::api::ApiState {
+    use crate::api::{ApiState, DataplaneInfo, Settings};
+    let (mut store, _) =
+        crate::store::Store::create(&dir.join("state.redb"), server.public(), ipam).expect("store");
+    let ops =
+        crate::server::genesis_ops(store.state(), &server.public(), [5; 32], "srv", admin, true)
+            .expect("genesis");
+    let batch = ops
+        .into_iter()
+        .map(|b| (server.public(), b, None))
+        .collect();
+    for r in store
+        .append_local_batch(&server, batch, 1_000)
+        .expect("append")
+    {
+        r.expect("genesis op");
+    }
+    let settings = Settings {
+        registration,
+        wg_public_key: [5; 32],
+        wg_port: 51940,
+        public_host: Some("203.0.113.7".into()),
+        private_api_port: 9101,
+        api_port: 9100,
+        tls_pin: None,
+    };
+    let dataplane = DataplaneInfo {
+        backend: "none".into(),
+        fallback_reason: None,
+        interface: None,
+    };
+    ApiState::new(server, store, settings, dataplane, None)
+}

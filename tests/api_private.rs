@@ -11,11 +11,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use lemonade_nexus::api::auth::{self, ChallengeResponse, TokenClaims, make_proof};
 use lemonade_nexus::api::join::{JoinResponse, Registration};
-use lemonade_nexus::api::{self, ApiState, DataplaneInfo, Settings};
+use lemonade_nexus::api::{self, ApiState};
 use lemonade_nexus::identity::NodeKey;
 use lemonade_nexus::ipam::IpamConfig;
-use lemonade_nexus::server::genesis_ops;
-use lemonade_nexus::store::Store;
+use lemonade_nexus::testkit;
 use serde_json::{Value, json};
 
 const SERVER_SEED: [u8; 32] = [1; 32];
@@ -31,43 +30,14 @@ fn api_state_with(
     ipam: IpamConfig,
 ) -> Arc<ApiState> {
     let server = NodeKey::from_seed(&SERVER_SEED);
-    let (mut store, _) =
-        Store::create(&dir.join("state.redb"), server.public(), ipam).expect("store");
     let admin = NodeKey::from_seed(&ADMIN_SEED).public();
-    let ops = genesis_ops(
-        store.state(),
-        &server.public(),
-        [5; 32],
-        "srv",
-        Some(admin),
-        true,
-    )
-    .expect("genesis");
-    let batch = ops
-        .into_iter()
-        .map(|b| (server.public(), b, None))
-        .collect();
-    for r in store
-        .append_local_batch(&server, batch, 1_000)
-        .expect("append")
-    {
-        r.expect("genesis op");
-    }
-    let settings = Settings {
+    Arc::new(testkit::genesis_api_state(
+        dir,
+        server,
         registration,
-        wg_public_key: [5; 32],
-        wg_port: 51940,
-        public_host: Some("203.0.113.7".into()),
-        private_api_port: 9101,
-        api_port: 9100,
-        tls_pin: None,
-    };
-    let dataplane = DataplaneInfo {
-        backend: "none".into(),
-        fallback_reason: None,
-        interface: None,
-    };
-    Arc::new(ApiState::new(server, store, settings, dataplane, None))
+        Some(admin),
+        ipam,
+    ))
 }
 
 trait Svc:

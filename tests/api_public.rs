@@ -14,8 +14,8 @@ use lemonade_nexus::api::join::{JoinResponse, Registration};
 use lemonade_nexus::api::{self, ApiState, DataplaneInfo, Settings};
 use lemonade_nexus::identity::NodeKey;
 use lemonade_nexus::ipam::IpamConfig;
-use lemonade_nexus::server::genesis_ops;
 use lemonade_nexus::store::Store;
+use lemonade_nexus::testkit;
 use lemonade_nexus::tls::{self, JoinUrl, Pin};
 use serde_json::{Value, json};
 
@@ -28,39 +28,7 @@ fn api_state(dir: &std::path::Path, registration: Registration) -> Arc<ApiState>
 
 fn build_state(dir: &std::path::Path, registration: Registration) -> ApiState {
     let server = NodeKey::from_seed(&SERVER_SEED);
-    let (mut store, _) = Store::create(
-        &dir.join("state.redb"),
-        server.public(),
-        IpamConfig::default(),
-    )
-    .expect("store");
-    let ops =
-        genesis_ops(store.state(), &server.public(), [5; 32], "srv", None, true).expect("genesis");
-    let batch = ops
-        .into_iter()
-        .map(|b| (server.public(), b, None))
-        .collect();
-    for r in store
-        .append_local_batch(&server, batch, 1_000)
-        .expect("append")
-    {
-        r.expect("genesis op");
-    }
-    let settings = Settings {
-        registration,
-        wg_public_key: [5; 32],
-        wg_port: 51940,
-        public_host: Some("203.0.113.7".into()),
-        private_api_port: 9101,
-        api_port: 9100,
-        tls_pin: None,
-    };
-    let dataplane = DataplaneInfo {
-        backend: "none".into(),
-        fallback_reason: None,
-        interface: None,
-    };
-    ApiState::new(server, store, settings, dataplane, None)
+    testkit::genesis_api_state(dir, server, registration, None, IpamConfig::default())
 }
 
 macro_rules! app {
