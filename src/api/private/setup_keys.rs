@@ -7,8 +7,13 @@
 //! the cluster can redeem it after gossip and a restart keeps it. Only a hash of the secret is
 //! stored (the secret is shown once, at creation). Redeeming a single-use key appends the
 //! removal of its entry in the same batch as the join, under the store lock, so a second use on
-//! the same server is refused. (Two servers redeeming the same single-use key before they gossip
-//! would both accept it: a known limit until redemption is coordinated.)
+//! the same server is refused.
+//!
+//! **Single use across a cluster: prevention, not repair.** A single-use key (and a link token)
+//! names the server that issued it, and only that server redeems it; any other server answers
+//! 409 `setup_key_other_server` naming the issuer. So two servers can never both accept one
+//! single-use key, even while partitioned (the price: while its issuer is down the key waits, or
+//! the administrator makes a new one). Reusable keys are redeemed by every server.
 //!
 //! A device joining with a key gets an endpoint node under the group, read and connect_private
 //! on the group (it sees and reaches its group's peers) and edit_node on its own node (heartbeat),
@@ -46,28 +51,37 @@ pub fn entry_key(secret: &str) -> String {
     )
 }
 
-/// A stored key's terms.
+/// A stored key's terms: `<expires_at_ms>:reusable` or `<expires_at_ms>:single:<issuer>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Terms {
     pub expires_at_ms: u64,
     pub reusable: bool,
+    /// The server that alone redeems a single-use key (`None` for reusable keys, and for
+    /// single-use keys written before keys named their issuer: those any server redeems).
+    pub issuer: Option<PublicKey>,
 }
 
 impl Terms {
     pub fn encode(self) -> String {
-        let kind = if self.reusable { "reusable" } else { "single" };
-        format!("{}:{kind}", self.expires_at_ms)
+        match (self.reusable, self.issuer) {
+            (true, _) => format!("{}:reusable", self.expires_at_ms),
+            (false, Some(issuer)) => format!("{}:single:{issuer}", self.expires_at_ms),
+            (false, None) => format!("{}:single", self.expires_at_ms),
+        }
     }
     pub fn decode(s: &str) -> Option<Terms> {
-        let (exp, kind) = s.split_once(':')?;
-        let reusable = match kind {
-            "reusable" => true,
-            "single" => false,
+        let mut parts = s.splitn(3, ':');
+        let expires_at_ms = parts.next()?.parse().ok()?;
+        let (reusable, issuer) = match (parts.next()?, parts.next()) {
+            ("reusable", None) => (true, None),
+            ("single", None) => (false, None),
+            ("single", Some(k)) => (false, Some(k.parse().ok()?)),
             _ => return None,
         };
         Some(Terms {
-            expires_at_ms: exp.parse().ok()?,
+            expires_at_ms,
             reusable,
+            issuer,
         })
     }
 }
@@ -110,6 +124,22 @@ pub fn plan_join_with_key(
         .ok_or_else(|| refused("setup_key_invalid", "unknown or already used setup key"))?;
     if now_ms >= terms.expires_at_ms {
         return Err(refused("setup_key_expired", "this setup key has expired"));
+    }
+    if let Some(issuer) = terms.issuer.filter(|i| !terms.reusable && i != server) {
+        let name = tree
+            .nodes()
+            .find(|n| n.kind == NodeKind::Server && n.owner == Some(issuer))
+            .map_or_else(
+                || issuer.to_string(),
+                |n| format!("{} ({issuer})", n.hostname),
+            );
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "setup_key_other_server",
+            format!(
+                "this single-use key can only be redeemed through the server that issued it: {name}; join through that server, or ask for a new key"
+            ),
+        ));
     }
     let mut ops = Vec::new();
     if !terms.reusable {
@@ -251,6 +281,7 @@ pub async fn create(
             .now_ms()
             .saturating_add(expires_in_secs.saturating_mul(1000)),
         reusable,
+        issuer: (!reusable).then(|| state.server.public()),
     };
     let op = OpBody::Tree(TreeOp::Update {
         node: group,
@@ -281,18 +312,104 @@ mod tests {
             Terms {
                 expires_at_ms: 5,
                 reusable: true,
+                issuer: None,
             },
             Terms {
                 expires_at_ms: u64::MAX,
                 reusable: false,
+                issuer: None,
+            },
+            Terms {
+                expires_at_ms: 7,
+                reusable: false,
+                issuer: Some(PublicKey([9; 32])),
             },
         ] {
             assert_eq!(Terms::decode(&t.encode()), Some(t));
         }
-        for bad in ["", "5", "x:single", "5:other", ":reusable"] {
+        let bad_issuer = "5:single:not-a-key".to_owned();
+        let with_issuer_on_reusable = format!("5:reusable:{}", PublicKey([9; 32]));
+        for bad in [
+            "",
+            "5",
+            "x:single",
+            "5:other",
+            ":reusable",
+            &bad_issuer,
+            &with_issuer_on_reusable,
+        ] {
             assert_eq!(Terms::decode(bad), None, "{bad}");
         }
         assert!(entry_key("a").len() <= crate::tree::limits::MAX_METADATA_KEY_BYTES);
         assert_ne!(entry_key("a"), entry_key("b"));
+    }
+
+    /// A single-use key is redeemed only by its issuer; a reusable one by any server.
+    #[test]
+    fn single_use_keys_are_redeemed_only_by_their_issuer() {
+        use crate::testkit::{create, key};
+        use crate::tree::WgKey;
+        let (root, issuer, other) = (key(1).public(), key(2).public(), key(3).public());
+        let at = |wall_ms| Hlc {
+            wall_ms,
+            logical: 0,
+        };
+        let mut state = State::new(root);
+        let mut seq = 0;
+        let mut apply = |state: &mut State, body| {
+            seq += 1;
+            let op = crate::op::Op {
+                origin: root,
+                seq,
+                hlc: at(seq),
+                author: root,
+                body,
+            };
+            state.apply(&op).expect("op applies");
+        };
+        apply(&mut state, create(NodeId::ROOT, "group", false));
+        let group = state
+            .tree()
+            .nodes()
+            .find(|n| n.hostname == "group")
+            .map(|n| n.id)
+            .expect("group");
+        for (secret, reusable) in [("lnsk_single", false), ("lnsk_many", true)] {
+            let terms = Terms {
+                expires_at_ms: 1_000_000,
+                reusable,
+                issuer: (!reusable).then_some(issuer),
+            };
+            apply(
+                &mut state,
+                OpBody::Tree(TreeOp::Update {
+                    node: group,
+                    field: NodeField::Metadata {
+                        key: entry_key(secret),
+                        value: Some(terms.encode()),
+                    },
+                }),
+            );
+        }
+        let req = JoinRequest {
+            client: key(9).public(),
+            wg_pubkey: WgKey([9; 32]),
+            hostname: None,
+        };
+        let plan = |server: &PublicKey, secret| {
+            plan_join_with_key(&state, server, 0, &req, secret, 10, at(100))
+        };
+        let refused = plan(&other, "lnsk_single").expect_err("other server refuses");
+        assert_eq!(
+            (refused.status.as_u16(), refused.code),
+            (409, "setup_key_other_server")
+        );
+        assert!(refused.message.contains(&issuer.to_string()));
+        let by_issuer = plan(&issuer, "lnsk_single").expect("the issuer redeems it");
+        assert_eq!(by_issuer.group, group);
+        assert_eq!(
+            plan(&other, "lnsk_many").expect("reusable anywhere").group,
+            group
+        );
     }
 }
