@@ -63,6 +63,7 @@ pub fn authorize(
 /// | ipam allocate / release subnet       | allocate_ip     | the node           |
 /// | ipam expand_subnet                   | expand_subnet   | the node           |
 /// | ipam join / leave backbone           | allocate_ip     | the server node    |
+/// | trust admit / revoke server          | (none here: the cluster root's signature on the certificate or revocation is the authority; `crate::state` checks it) | |
 pub fn required(body: &OpBody) -> Vec<(Permission, NodeId)> {
     use Permission::*;
     match body {
@@ -85,6 +86,7 @@ pub fn required(body: &OpBody) -> Vec<(Permission, NodeId)> {
             | IpamOp::LeaveBackbone { node } => vec![(AllocateIp, *node)],
             IpamOp::ExpandSubnet { node, .. } => vec![(ExpandSubnet, *node)],
         },
+        OpBody::Trust(_) => Vec::new(),
     }
 }
 

@@ -20,3 +20,4 @@ pub mod store;
 pub mod testkit;
 pub mod tls;
 pub mod tree;
+pub mod trust;

@@ -52,6 +52,8 @@ pub struct Op {
 pub enum OpBody {
     Tree(crate::tree::TreeOp),
     Ipam(crate::ipam::IpamOp),
+    /// Server admission and revocation (`crate::trust`).
+    Trust(crate::trust::TrustOp),
 }
 
 /// The total order in which every server folds ops: (hlc, origin, seq).

@@ -49,6 +49,10 @@ pub const SCHEMA_VERSION: u64 = 1;
 pub const TAG_OP: &str = "lemonade-nexus/op/v1";
 /// Tag of an author's request for a change (payload: `crate::op::OpBody`), signed by the author.
 pub const TAG_REQUEST: &str = "lemonade-nexus/request/v1";
+/// Tag of a server certificate (payload: `crate::trust::ServerCert`), signed by the cluster root.
+pub const TAG_SERVER_CERT: &str = "lemonade-nexus/server-cert/v1";
+/// Tag of a server revocation (payload: `crate::trust::Revocation`), signed by the cluster root.
+pub const TAG_REVOCATION: &str = "lemonade-nexus/revocation/v1";
 
 /// A decoded envelope whose signature has been verified.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -9,6 +9,7 @@
 //! opaque struct; it implements Display and std::error::Error as agreed.
 
 mod render;
+mod trust_fold;
 
 use std::io::Write;
 
@@ -23,6 +24,7 @@ use crate::ipam::{
 use crate::keys::PublicKey;
 use crate::op::{Op, OpBody};
 use crate::tree::{Node, NodeId, Tree, TreeError, TreeOp};
+use crate::trust::{ServerStatus, TrustError, TrustTable};
 
 pub use render::{IpamView, TreeView, ipam_view, render_ipam, render_tree, tree_view};
 
@@ -34,6 +36,8 @@ pub const STATE_SCHEMA_VERSION: u32 = 1;
 pub struct State {
     tree: Tree,
     ipam: Ipam,
+    /// Which keys are (or were) servers of the cluster (`crate::trust`).
+    trust: TrustTable,
     /// The meta rows (anchor, IPAM config) still have to be written.
     meta_dirty: bool,
 }
@@ -49,6 +53,7 @@ pub struct State {
 /// | IpamQuarantine   | slot (u32 BE)                | Hlc of the release         |
 /// | IpamSubnets      | pool (1 byte) + node id      | Subnet                     |
 /// | IpamBackbone     | node id                      | backbone offset (u32)      |
+/// | Trust            | server public key (32 bytes) | ServerStatus               |
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum StateTable {
     Meta,
@@ -58,10 +63,11 @@ pub enum StateTable {
     IpamQuarantine,
     IpamSubnets,
     IpamBackbone,
+    Trust,
 }
 
 impl StateTable {
-    pub const ALL: [StateTable; 7] = [
+    pub const ALL: [StateTable; 8] = [
         StateTable::Meta,
         StateTable::Nodes,
         StateTable::IpamBlocks,
@@ -69,6 +75,7 @@ impl StateTable {
         StateTable::IpamQuarantine,
         StateTable::IpamSubnets,
         StateTable::IpamBackbone,
+        StateTable::Trust,
     ];
 
     /// The redb table name.
@@ -81,6 +88,11 @@ impl StateTable {
             StateTable::IpamQuarantine => "state_ipam_quarantine",
             StateTable::IpamSubnets => "state_ipam_subnets",
             StateTable::IpamBackbone => "state_ipam_backbone",
+            // Added after store schema 1 shipped, without a schema bump: redb creates the table
+            // on the first write, and a store written before it exists has no trust op in its
+            // log (`OpBody::Trust` did not exist), so an absent table reads as the correct,
+            // empty trust table (`store::read_state_rows` skips missing tables).
+            StateTable::Trust => "state_trust",
         }
     }
 }
@@ -102,6 +114,8 @@ pub enum Rejection {
     Tree(#[from] TreeError),
     #[error("ipam: {0}")]
     Ipam(#[from] IpamError),
+    #[error("trust: {0}")]
+    Trust(#[from] TrustError),
 }
 
 /// The state tables could not be decoded into a valid state.
@@ -119,23 +133,35 @@ impl State {
     /// Empty state for a cluster whose trust anchor (root authority key) is `root`, with the
     /// default IPAM configuration.
     pub fn new(root: PublicKey) -> Self {
-        State::assemble(Tree::new(root), Ipam::new(IpamConfig::default()), true)
+        State::assemble(
+            Tree::new(root),
+            Ipam::new(IpamConfig::default()),
+            TrustTable::default(),
+            true,
+        )
     }
 
     /// Empty state with a cluster-specific IPAM configuration (the same on every server).
     pub fn with_ipam_config(root: PublicKey, config: IpamConfig) -> Result<Self, String> {
         config.validate()?;
-        Ok(State::assemble(Tree::new(root), Ipam::new(config), true))
+        Ok(State::assemble(
+            Tree::new(root),
+            Ipam::new(config),
+            TrustTable::default(),
+            true,
+        ))
     }
 
-    fn assemble(mut tree: Tree, mut ipam: Ipam, dirty: bool) -> State {
+    fn assemble(mut tree: Tree, mut ipam: Ipam, mut trust: TrustTable, dirty: bool) -> State {
         if dirty {
             tree.mark_all_dirty();
             ipam.mark_all_dirty();
+            trust.mark_all_dirty();
         }
         State {
             tree,
             ipam,
+            trust,
             meta_dirty: dirty,
         }
     }
@@ -148,9 +174,48 @@ impl State {
         &self.ipam
     }
 
+    /// The trust table: every server key ever admitted or revoked.
+    pub fn trust(&self) -> &TrustTable {
+        &self.trust
+    }
+
+    /// What the fold knows about server `key` (None: never admitted nor revoked).
+    pub fn server_status(&self, key: &PublicKey) -> Option<&ServerStatus> {
+        self.trust.get(key)
+    }
+
+    /// The servers admitted and not revoked, by key.
+    pub fn active_servers(&self) -> impl Iterator<Item = (PublicKey, &ServerStatus)> {
+        self.trust
+            .map()
+            .iter()
+            .filter(|(_, s)| s.is_active())
+            .map(|(k, s)| (*k, s))
+    }
+
+    /// True if `key` is admitted and not revoked.
+    pub fn is_active_server(&self, key: &PublicKey) -> bool {
+        self.trust.get(key).is_some_and(ServerStatus::is_active)
+    }
+
+    /// True if the root revoked `key` (permanent).
+    pub fn is_revoked(&self, key: &PublicKey) -> bool {
+        self.trust.get(key).is_some_and(|s| s.revoked.is_some())
+    }
+
     /// Applies one already signature-verified op. Deterministic: uses only the op's fields. A
     /// refused op returns Err and leaves the state unchanged.
     pub fn apply(&mut self, op: &Op) -> Result<(), Rejection> {
+        // A revoked server's ops have no effect from its revocation on (in fold order).
+        if self.is_revoked(&op.origin) {
+            return Err(TrustError::OriginRevoked(op.origin).into());
+        }
+        // ...and no new grant brings a revoked key back.
+        if let OpBody::Tree(TreeOp::Grant { key, .. }) = &op.body
+            && self.is_revoked(key)
+        {
+            return Err(TrustError::Revoked(*key).into());
+        }
         authz::authorize_op(&self.tree, &op.author, &op.body)?;
         match &op.body {
             OpBody::Tree(t) => {
@@ -169,6 +234,7 @@ impl State {
                 };
                 self.ipam.apply(i, ctx, &self.tree)?;
             }
+            OpBody::Trust(t) => self.apply_trust(t, op)?,
         }
         Ok(())
     }
@@ -176,11 +242,19 @@ impl State {
     /// Checks every invariant of the tree and the IPAM (tests, and after loading).
     pub fn check_invariants(&self) -> Result<(), String> {
         self.tree.check_invariants()?;
+        for (key, _) in self.trust.map().iter().filter(|(_, s)| s.revoked.is_some()) {
+            if let Some(n) = self.tree.nodes().find(|n| n.grants.contains_key(key)) {
+                return Err(format!(
+                    "revoked server {key} still holds a grant on {}",
+                    n.id
+                ));
+            }
+        }
         self.ipam.check_invariants(&self.tree)
     }
 
     /// SHA-256 over the canonical encoding of the whole state: the deterministic CBOR of
-    /// `{schema, anchor, nodes, ipam}` (maps in key order, as BTreeMap serializes).
+    /// `{schema, anchor, nodes, ipam, servers}` (maps in key order, as BTreeMap serializes).
     pub fn hash(&self) -> [u8; 32] {
         #[derive(Serialize)]
         struct Canonical<'a> {
@@ -188,12 +262,14 @@ impl State {
             anchor: &'a PublicKey,
             nodes: &'a std::collections::BTreeMap<NodeId, Node>,
             ipam: &'a IpamData,
+            servers: &'a std::collections::BTreeMap<PublicKey, ServerStatus>,
         }
         let canonical = Canonical {
             schema: STATE_SCHEMA_VERSION,
             anchor: self.tree.anchor(),
             nodes: self.tree.node_map(),
             ipam: self.ipam.data(),
+            servers: self.trust.map(),
         };
         let mut hasher = HashWriter(ring::digest::Context::new(&ring::digest::SHA256));
         ciborium::into_writer(&canonical, &mut hasher)
@@ -206,7 +282,13 @@ impl State {
     /// Every live row of every table (what the store writes after a full refold, having cleared
     /// the state tables first).
     pub fn rows(&self) -> Vec<RowChange> {
-        State::assemble(self.tree.clone(), self.ipam.clone(), true).take_changes()
+        State::assemble(
+            self.tree.clone(),
+            self.ipam.clone(),
+            self.trust.clone(),
+            true,
+        )
+        .take_changes()
     }
 
     /// Rows changed since the last call (after `new`, every live row).
@@ -254,6 +336,9 @@ impl State {
                 ),
             });
         }
+        for key in self.trust.take_dirty() {
+            rows.push(row(StateTable::Trust, key.0.to_vec(), self.trust.get(&key)));
+        }
         rows
     }
 
@@ -275,6 +360,7 @@ impl State {
             subnets: Default::default(),
             backbone: Default::default(),
         };
+        let mut servers = std::collections::BTreeMap::new();
         let mut any = false;
         for r in rows {
             let Some(value) = r.value else { continue };
@@ -322,6 +408,12 @@ impl State {
                     data.backbone
                         .insert(node_key(t, &r.key)?, decode::<u32>(t, &value)?);
                 }
+                StateTable::Trust => {
+                    let key: [u8; 32] = r.key[..]
+                        .try_into()
+                        .map_err(|_| bad(t, "key is not a 32-byte public key"))?;
+                    servers.insert(PublicKey(key), decode::<ServerStatus>(t, &value)?);
+                }
             }
         }
         if !any {
@@ -340,7 +432,12 @@ impl State {
         }
         data.config = config.ok_or_else(|| bad(meta, "missing ipam_config row"))?;
         data.config.validate().map_err(|e| bad(meta, &e))?;
-        let state = State::assemble(Tree::from_nodes(root, nodes), Ipam::from_data(data), false);
+        let state = State::assemble(
+            Tree::from_nodes(root, nodes),
+            Ipam::from_data(data),
+            TrustTable::from_rows(servers),
+            false,
+        );
         state
             .check_invariants()
             .map_err(|e| bad(StateTable::Nodes, &e))?;
