@@ -4,6 +4,7 @@
 //! take time and randomness as arguments and do no IO; the store and the CLI wrap them.
 pub mod api;
 pub mod authz;
+pub mod backbone;
 pub mod cli;
 pub mod config;
 pub mod hlc;

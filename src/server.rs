@@ -114,6 +114,8 @@ pub struct ServeArgs {
     /// no peer is programmed).
     #[arg(long)]
     pub no_dataplane: bool,
+    #[command(flatten)]
+    pub backbone: crate::backbone::BackboneArgs,
 }
 
 /// The WireGuard backend in use (static dispatch over the two implementations).
@@ -518,6 +520,15 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
         _ => None,
     };
 
+    // The server backbone (a second WireGuard interface, see `crate::backbone`).
+    let backbone = match &plane {
+        Some((p, _)) => {
+            let host = public_host.as_deref();
+            crate::backbone::start(&args, cfg, host, &p.backend, &p.private_key).await?
+        }
+        None => None,
+    };
+
     // The private API listens on the tunnel (gateway) address only, never on 0.0.0.0: only
     // enrolled devices reach it, through the tunnel. Without a dataplane there is no tunnel, so
     // no private API. (IPv4 only: the IPv6 gateway address may still be tentative here.)
@@ -634,8 +645,10 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
     // safe: every reconcile starts from a fresh dump.
     match plane {
         Some((p, w)) => {
+            let changed = w.requested.clone();
             tokio::select! {
                 _ = reconcile_loop(p, state.clone(), w) => {}
+                _ = crate::backbone::run(backbone, state.clone(), changed) => {}
                 _ = signals.recv() => {}
             }
         }

@@ -510,3 +510,5 @@ impl Write for HashWriter {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod trust_tests;

@@ -12,11 +12,37 @@ use lemonade_nexus::op::{self, LoggedOp, Op, OpBody};
 use lemonade_nexus::signed::{self, TAG_REQUEST};
 use lemonade_nexus::testkit::key;
 use lemonade_nexus::tree::{NodeField, NodeId, NodeKind, Permissions, TreeOp, WgKey};
+use lemonade_nexus::trust::{self, Revocation, ServerCert, TrustOp};
 
 const T0: u64 = 1_700_000_000_000;
 
 fn node(n: u8) -> NodeId {
     NodeId([n; 16])
+}
+
+/// The server certificate of the vectors: root key(1) admits server key(2) as "eu-1" for a year.
+fn server_cert() -> Vec<u8> {
+    trust::seal_server_cert(
+        key(1).pair(),
+        &ServerCert {
+            server: key(2).public(),
+            name: "eu-1".into(),
+            issued_at_ms: T0,
+            expires_at_ms: T0 + 365 * 86_400_000,
+        },
+    )
+}
+
+/// Root key(1) revokes key(3).
+fn revocation() -> Vec<u8> {
+    trust::seal_revocation(
+        key(1).pair(),
+        &Revocation {
+            server: key(3).public(),
+            issued_at_ms: T0 + 1_000,
+            reason: "decommissioned".into(),
+        },
+    )
 }
 
 fn bodies() -> Vec<(&'static str, OpBody)> {
@@ -139,6 +165,18 @@ fn bodies() -> Vec<(&'static str, OpBody)> {
             "ipam-leave-backbone",
             IpamOp::LeaveBackbone { node: node(4) },
         ),
+        (
+            "trust-admit-server",
+            OpBody::Trust(TrustOp::AdmitServer {
+                cert: server_cert(),
+            }),
+        ),
+        (
+            "trust-revoke-server",
+            OpBody::Trust(TrustOp::RevokeServer {
+                revocation: revocation(),
+            }),
+        ),
     ]
 }
 
@@ -154,6 +192,34 @@ fn vectors() -> BTreeMap<String, Vec<u8>> {
     // An administrator's request (what a client sends to a server).
     let request = op::seal_request(admin.pair(), &create, T0, T0 + 60_000, 42);
     v.insert("envelope-request".into(), request.clone());
+    v.insert("envelope-server-cert".into(), server_cert());
+    v.insert("envelope-revocation".into(), revocation());
+
+    // A server's first op: it admits itself with its certificate.
+    let o = Op {
+        origin: server.public(),
+        seq: 1,
+        hlc: Hlc {
+            wall_ms: T0 + 10,
+            logical: 0,
+        },
+        author: server.public(),
+        body: bodies()
+            .into_iter()
+            .find(|(n, _)| *n == "trust-admit-server")
+            .expect("vector body")
+            .1,
+    };
+    v.insert(
+        "op-admit-server".into(),
+        op::seal_op(
+            server.pair(),
+            &LoggedOp {
+                op: o,
+                author_proof: None,
+            },
+        ),
+    );
 
     // An op the server authored itself (no author proof).
     let o = Op {
@@ -252,6 +318,12 @@ fn pinned_vectors_decode_and_verify() {
             assert_eq!(signed::to_cbor(&body), bytes);
         } else if name.starts_with("op-") {
             op::verify_op(&bytes).expect(&name);
+        } else if name == "envelope-server-cert" {
+            let cert = trust::verify_server_cert(&bytes, &key(1).public(), T0).expect(&name);
+            assert_eq!(cert.server, key(2).public());
+        } else if name == "envelope-revocation" {
+            let r = trust::verify_revocation(&bytes, &key(1).public()).expect(&name);
+            assert_eq!(r.server, key(3).public());
         } else {
             signed::verify(&bytes, TAG_REQUEST).expect(&name);
         }

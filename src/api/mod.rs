@@ -274,7 +274,7 @@ impl ApiState {
     }
 
     /// Marks the cached hash stale (after an append).
-    fn state_changed(&self) {
+    pub fn state_changed(&self) {
         *self.state_hash.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 

@@ -113,3 +113,62 @@ pub fn start_serve(
     let url = wait_line(&rx, "join URL:", Duration::from_secs(60));
     (server, JoinUrl::parse(&url).expect("valid join URL"))
 }
+
+/// The WireGuard backend under test: `userspace` (wireguard-go; the default, for hosts without
+/// kernel WireGuard) or `kernel` (set `LN_E2E_DATAPLANE=kernel`, as inside User-Mode Linux).
+pub fn dataplane() -> &'static str {
+    match std::env::var("LN_E2E_DATAPLANE").as_deref() {
+        Ok("kernel") => "kernel",
+        Ok("userspace") | Err(_) => "userspace",
+        Ok(other) => panic!("LN_E2E_DATAPLANE must be kernel or userspace, not {other:?}"),
+    }
+}
+
+/// A shared underlay: a namespace holding one bridge that every attached namespace reaches
+/// through its own veth (an "internet" where every host is one hop from every other).
+pub struct Internet {
+    pub ns: Netns,
+    bridge: String,
+    /// `a.b.c` of the /24 every attached host gets an address in.
+    prefix: String,
+}
+
+impl Internet {
+    /// A new underlay with addresses `prefix.N/24` (`prefix` like "192.168.240").
+    pub fn new(tag: &str, prefix: &str) -> Internet {
+        let ns = Netns::new(tag);
+        let bridge = unique_name("ib");
+        ns.ip(&["link", "add", &bridge, "type", "bridge"]);
+        ns.ip(&["link", "set", &bridge, "up"]);
+        Internet {
+            ns,
+            bridge,
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Attaches `host` at `prefix.n`; returns that address.
+    pub fn attach(&self, host: &Netns, n: u8) -> String {
+        let (outer, inner) = (unique_name("io"), unique_name("ii"));
+        crate::common::ip(&[
+            "link",
+            "add",
+            &outer,
+            "netns",
+            &self.ns.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &inner,
+            "netns",
+            &host.name,
+        ]);
+        self.ns
+            .ip(&["link", "set", &outer, "master", &self.bridge, "up"]);
+        let addr = format!("{}.{n}", self.prefix);
+        host.ip(&["address", "add", &format!("{addr}/24"), "dev", &inner]);
+        host.ip(&["link", "set", &inner, "up"]);
+        addr
+    }
+}

@@ -1,0 +1,2 @@
+//! Gossip convergence benchmark (filled in below as the transport lands).
+fn main() {}
