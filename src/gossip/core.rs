@@ -547,7 +547,7 @@ impl Core {
             .into_iter()
             .filter_map(|op| wire::peek_op(&op).map(|k| (k, op)))
             .collect();
-        keyed.sort_by(|a, b| a.0.cmp(&b.0));
+        keyed.sort_by_key(|(k, _)| *k);
         let mut next: BTreeMap<PublicKey, u64> = BTreeMap::new();
         let mut batch = Vec::new();
         for ((origin, seq), op) in keyed {

@@ -170,10 +170,7 @@ impl Membership {
     /// Runs the timers due at `now_ms`.
     pub fn tick(&mut self, now_ms: u64) {
         self.now_ms = now_ms;
-        loop {
-            let Some((&(due, seq), _)) = self.timers.first_key_value() else {
-                break;
-            };
+        while let Some((&(due, seq), _)) = self.timers.first_key_value() {
             if due > now_ms {
                 break;
             }

@@ -12,4 +12,6 @@ pub mod core;
 #[cfg(test)]
 mod harness;
 pub mod membership;
+pub mod node;
+pub mod transport;
 pub mod wire;
