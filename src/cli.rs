@@ -57,6 +57,9 @@ pub enum Command {
     /// This node's status: for a client, its server, addresses, handshake age, traffic and
     /// backend; for a server, a table of client-plane peers.
     Status(crate::status::StatusArgs),
+    /// A whole cluster on this machine (root): three servers and four clients in network
+    /// namespaces, a live status table and pings; Ctrl-C removes everything. See README "Demo".
+    Demo(crate::demo::DemoArgs),
     /// Print the effective configuration and where each value came from.
     Config {
         /// Print JSON instead of text.
@@ -130,6 +133,7 @@ pub fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<()> {
         Command::Join(args) => crate::api::client::join_command(cfg, args, out),
         Command::Leave(args) => crate::api::client::leave_command(cfg, args, out),
         Command::Status(args) => crate::status::status_command(cfg, args, out),
+        Command::Demo(args) => crate::demo::demo_command(args, out),
         Command::Config { json } => {
             if json {
                 return write_json(out, cfg);

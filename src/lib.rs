@@ -7,6 +7,7 @@ pub mod authz;
 pub mod backbone;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod hlc;
 pub mod identity;
 pub mod ipam;
