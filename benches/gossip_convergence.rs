@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lemonade_nexus::gossip::core::{CoreConfig, Push};
-use lemonade_nexus::gossip::node::{self, Gossip, NodeConfig, StoreHost};
+use lemonade_nexus::gossip::node::{self, Gossip, NodeConfig};
 use lemonade_nexus::gossip::transport::SignFn;
 use lemonade_nexus::identity::NodeKey;
 use lemonade_nexus::ipam::IpamConfig;
@@ -110,7 +110,7 @@ async fn cluster(n: usize, push: Push, base: u8) -> Vec<Server> {
         });
         let replicated = servers
             .iter()
-            .all(|s| s.store.lock_store().heads().len() == n);
+            .all(|s| s.store.lock().expect("store lock").heads().len() == n);
         if connected && replicated {
             break;
         }
@@ -152,7 +152,7 @@ async fn measure(n: usize, push: Push, ops: usize, base: u8) -> Measured {
         let me = s.key.public();
         let t0 = Instant::now();
         let seq = {
-            let mut st = s.store.lock_store();
+            let mut st = s.store.lock().expect("store lock");
             match st
                 .append_local(
                     &s.key,
@@ -171,7 +171,8 @@ async fn measure(n: usize, push: Push, ops: usize, base: u8) -> Measured {
         loop {
             let all = servers.iter().all(|r| {
                 r.store
-                    .lock_store()
+                    .lock()
+                    .expect("store lock")
                     .heads()
                     .get(&me)
                     .is_some_and(|h| *h >= seq)
@@ -196,11 +197,11 @@ async fn measure(n: usize, push: Push, ops: usize, base: u8) -> Measured {
     for s in &servers {
         s.gossip.shutdown();
     }
-    let hash = servers[0].store.lock_store().state_hash();
+    let hash = servers[0].store.lock().expect("store lock").state_hash();
     assert!(
         servers
             .iter()
-            .all(|s| s.store.lock_store().state_hash() == hash),
+            .all(|s| s.store.lock().expect("store lock").state_hash() == hash),
         "all servers hold the same state"
     );
     lat.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));

@@ -116,6 +116,15 @@ pub struct ServeArgs {
     pub no_dataplane: bool,
     #[command(flatten)]
     pub backbone: crate::backbone::BackboneArgs,
+    /// Gossip address (`host:port`, udp) of a server of the cluster to join (repeatable). A
+    /// fresh server started with --root, --server-cert and --seed-peer joins that cluster.
+    #[arg(
+        long = "seed-peer",
+        value_name = "HOST:PORT",
+        env = "LEMONADE_NEXUS_SEED_PEERS",
+        value_delimiter = ','
+    )]
+    pub seed_peers: Vec<String>,
 }
 
 /// The WireGuard backend in use (static dispatch over the two implementations).
@@ -509,6 +518,19 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
             .with_rate_limit(args.rate_limit, args.rate_limit.saturating_mul(2)),
     );
 
+    // Replication with the other servers (QUIC on listen.gossip, see `crate::gossip`).
+    let gossip = {
+        let master = MasterKey::load(&cfg.master_key_file)?;
+        let key = Identity::load(&cfg.data_dir, &master)?.node;
+        crate::gossip::node::start_for_server(
+            &state,
+            key,
+            cfg.listen.gossip,
+            public_host.as_deref(),
+            args.seed_peers.clone(),
+        )?
+    };
+
     // The device first (converges after a crash), then the API.
     let plane = match (plane, worker) {
         (Some(p), Some(w)) => {
@@ -631,6 +653,14 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
             .map(|r| format!(" (FELL BACK: {r})"))
             .unwrap_or_default()
     )?;
+    writeln!(
+        out,
+        "gossip:         {} (udp, QUIC)",
+        gossip
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    )?;
     writeln!(out, "public API:     https://{bound}")?;
     match private_addr {
         Some(a) => writeln!(out, "private API:    https://{a} (tunnel only)")?,
@@ -655,6 +685,7 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
         None => signals.recv().await,
     }
     tracing::info!("shutting down: API stops, the WireGuard device stays up");
+    gossip.shutdown();
     let (handle, private_handle) = handle;
     if let Some(p) = private_handle {
         p.stop(true).await;

@@ -26,7 +26,8 @@ fn cmd(dir: &std::path::Path) -> Command {
         .arg(dir.join("data"))
         .arg("--master-key-file")
         .arg(dir.join("master.key"))
-        .args(["--listen-api", "127.0.0.1:0", "--log-level", "warn"]);
+        .args(["--listen-api", "127.0.0.1:0", "--log-level", "warn"])
+        .args(["--listen-gossip", "127.0.0.1:0"]);
     c
 }
 

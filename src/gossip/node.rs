@@ -30,7 +30,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -56,15 +56,118 @@ pub mod close {
 
 /// Where the driver finds the store, and whom it tells about folded ops.
 pub trait StoreHost: Send + Sync + 'static {
-    fn lock_store(&self) -> MutexGuard<'_, Store>;
+    /// Runs `f` on the locked store; `None` when the store is gone (the server is stopping).
+    fn with_store<R>(&self, f: impl FnOnce(&mut Store) -> R) -> Option<R>;
     /// Ops from peers were appended (refresh caches, reconcile the dataplane).
     fn ops_folded(&self) {}
 }
 
 impl StoreHost for Mutex<Store> {
-    fn lock_store(&self) -> MutexGuard<'_, Store> {
-        self.lock().unwrap_or_else(|p| p.into_inner())
+    fn with_store<R>(&self, f: impl FnOnce(&mut Store) -> R) -> Option<R> {
+        Some(f(&mut self.lock().unwrap_or_else(|p| p.into_inner())))
     }
+}
+
+/// The server's API state, held weakly so that gossip never keeps the store open at shutdown.
+pub struct ApiHost {
+    state: std::sync::Weak<crate::api::ApiState>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl StoreHost for ApiHost {
+    fn with_store<R>(&self, f: impl FnOnce(&mut Store) -> R) -> Option<R> {
+        let st = self.state.upgrade()?;
+        let mut guard = st.store.lock().unwrap_or_else(|p| p.into_inner());
+        Some(f(&mut guard))
+    }
+
+    fn ops_folded(&self) {
+        let Some(st) = self.state.upgrade() else {
+            return;
+        };
+        st.state_changed();
+        // Program the peers other servers enrolled: ask the client-plane reconciler to run.
+        self.runtime.spawn(async move {
+            if let Some(p) = &st.peers {
+                p.sync(u64::MAX, Duration::ZERO).await;
+            }
+        });
+    }
+}
+
+static RUNNING: std::sync::OnceLock<Gossip> = std::sync::OnceLock::new();
+
+/// The gossip node `serve` started in this process, if any (for `/api/health`).
+pub fn running() -> Option<&'static Gossip> {
+    RUNNING.get()
+}
+
+/// Starts gossip inside `serve`: listens on `listen`, advertises `public_host` with the listen
+/// port when given (else the listen address), dials `seeds`, signs with `key` (the server's
+/// identity, loaded a second time so gossip holds no reference to the API state).
+pub fn start_for_server(
+    state: &Arc<crate::api::ApiState>,
+    key: crate::identity::NodeKey,
+    listen: SocketAddr,
+    public_host: Option<&str>,
+    seeds: Vec<String>,
+) -> Result<Gossip> {
+    let me = key.public();
+    let cert = {
+        let s = state.store.lock().unwrap_or_else(|p| p.into_inner());
+        own_certificate(&s, &me)
+    };
+    let advertise = match public_host {
+        Some(h) => {
+            let host = if h.contains(':') && !h.starts_with('[') {
+                format!("[{h}]")
+            } else {
+                h.to_string()
+            };
+            Some(format!("{host}:{}", listen.port()))
+        }
+        _ => None,
+    };
+    let key = Arc::new(key);
+    let sign: SignFn = Arc::new(move |m| key.pair().sign(m).as_ref().to_vec());
+    let host = Arc::new(ApiHost {
+        state: Arc::downgrade(state),
+        runtime: tokio::runtime::Handle::current(),
+    });
+    let seed = u64::from_le_bytes(me.as_bytes()[..8].try_into().unwrap_or([0; 8]));
+    let g = start(
+        host,
+        me,
+        sign,
+        NodeConfig {
+            listen,
+            advertise,
+            seeds,
+            core: CoreConfig::default(),
+            cert,
+            rng_seed: seed ^ now_ms(),
+        },
+    )?;
+    let _ = RUNNING.set(g.clone());
+    Ok(g)
+}
+
+/// This server's certificate as recorded by its AdmitServer op (the first op of its own log).
+fn own_certificate(store: &Store, me: &PublicKey) -> Vec<u8> {
+    let Ok(ops) = store.ops_of(me, 1, 1) else {
+        return Vec::new();
+    };
+    for bytes in ops {
+        let Ok(v) = crate::op::verify_op(&bytes) else {
+            continue;
+        };
+        if let crate::op::OpBody::Trust(crate::trust::TrustOp::AdmitServer { cert }) =
+            v.logged.op.body
+        {
+            return cert;
+        }
+    }
+    Vec::new()
 }
 
 /// Gossip settings of one server.
@@ -182,23 +285,24 @@ pub fn start<H: StoreHost>(
     sign: SignFn,
     cfg: NodeConfig,
 ) -> Result<Gossip> {
-    let (root, cluster, heads, revoked_now) = {
-        let s = host.lock_store();
-        let revoked: BTreeSet<PublicKey> = s
-            .state()
-            .trust()
-            .map()
-            .iter()
-            .filter(|(_, st)| st.revoked.is_some())
-            .map(|(k, _)| *k)
-            .collect();
-        (
-            s.root(),
-            wire::cluster_id(&s.root(), s.state().ipam().config()),
-            s.heads().clone(),
-            revoked,
-        )
-    };
+    let (root, cluster, heads, revoked_now) = host
+        .with_store(|s| {
+            let revoked: BTreeSet<PublicKey> = s
+                .state()
+                .trust()
+                .map()
+                .iter()
+                .filter(|(_, st)| st.revoked.is_some())
+                .map(|(k, _)| *k)
+                .collect();
+            (
+                s.root(),
+                wire::cluster_id(&s.root(), s.state().ipam().config()),
+                s.heads().clone(),
+                revoked,
+            )
+        })
+        .ok_or_else(|| anyhow::anyhow!("the store is closed"))?;
     let revoked: Revoked = Arc::new(std::sync::RwLock::new(revoked_now));
     let endpoint = transport::endpoint(cfg.listen, me, sign, revoked.clone())?;
     let bound = endpoint.local_addr()?;
@@ -258,7 +362,10 @@ fn spawn_store_worker<H: StoreHost>(ctx: Arc<Ctx<H>>) -> std::sync::mpsc::Sender
                     jobs.push(j);
                 }
                 let all: Vec<Vec<u8>> = jobs.iter().flat_map(|(_, ops)| ops.clone()).collect();
-                let results = ctx.host.lock_store().submit_batch(&all, now_ms());
+                let results = ctx
+                    .host
+                    .with_store(|s| s.submit_batch(&all, now_ms()).map_err(|e| e.to_string()))
+                    .unwrap_or_else(|| Err("the store is closed".into()));
                 let outcomes: Vec<Outcome> = match results {
                     Ok(r) => r.iter().map(Outcome::of).collect(),
                     Err(e) => {
@@ -346,15 +453,17 @@ async fn core_loop<H: StoreHost>(
         // Local appends (the API writes to the store directly).
         let me = ctx.me;
         let known = core.heads().get(&me).copied().unwrap_or(0);
-        let fresh = {
-            let s = ctx.host.lock_store();
-            let head = s.heads().get(&me).copied().unwrap_or(0);
-            if head > known {
-                s.ops_of(&me, known + 1, head).unwrap_or_default()
-            } else {
-                Vec::new()
-            }
-        };
+        let fresh = ctx
+            .host
+            .with_store(|s| {
+                let head = s.heads().get(&me).copied().unwrap_or(0);
+                if head > known {
+                    s.ops_of(&me, known + 1, head).unwrap_or_default()
+                } else {
+                    Vec::new()
+                }
+            })
+            .unwrap_or_default();
         if !fresh.is_empty() {
             core.local_ops(fresh);
         }
@@ -411,17 +520,19 @@ fn housekeeping<H: StoreHost>(
     revoked: &Revoked,
     status: &Mutex<GossipStatus>,
 ) {
-    let newly: Vec<PublicKey> = {
-        let s = ctx.host.lock_store();
-        let set = revoked.read().map(|r| r.clone()).unwrap_or_default();
-        s.state()
-            .trust()
-            .map()
-            .iter()
-            .filter(|(k, st)| st.revoked.is_some() && !set.contains(k))
-            .map(|(k, _)| *k)
-            .collect()
-    };
+    let set = revoked.read().map(|r| r.clone()).unwrap_or_default();
+    let newly: Vec<PublicKey> = ctx
+        .host
+        .with_store(|s| {
+            s.state()
+                .trust()
+                .map()
+                .iter()
+                .filter(|(k, st)| st.revoked.is_some() && !set.contains(k))
+                .map(|(k, _)| *k)
+                .collect()
+        })
+        .unwrap_or_default();
     if !newly.is_empty() {
         if let Ok(mut r) = revoked.write() {
             r.extend(newly.iter().copied());
@@ -565,7 +676,10 @@ async fn dial_inner<H: StoreHost>(
 }
 
 fn own_hello<H: StoreHost>(ctx: &Ctx<H>) -> Vec<u8> {
-    let heads = wire::heads_to_wire(ctx.host.lock_store().heads());
+    let heads = ctx
+        .host
+        .with_store(|s| wire::heads_to_wire(s.heads()))
+        .unwrap_or_default();
     wire::encode(&Hello {
         version: wire::PROTOCOL_VERSION,
         cluster: wire::Blob(ctx.cluster.to_vec()),
@@ -603,15 +717,21 @@ fn check_hello<H: StoreHost>(
             ),
         ));
     }
-    let s = ctx.host.lock_store();
-    if s.state().is_revoked(&key) {
+    let (revoked, active) = ctx
+        .host
+        .with_store(|s| {
+            (
+                s.state().is_revoked(&key),
+                s.state()
+                    .server_status(&key)
+                    .is_some_and(|st| st.is_active()),
+            )
+        })
+        .ok_or((close::SHUTDOWN, "shutting down".to_string()))?;
+    if revoked {
         return Err((close::REVOKED, format!("server {key} is revoked")));
     }
     if h.cert.0.is_empty() {
-        let active = s
-            .state()
-            .server_status(&key)
-            .is_some_and(|st| st.is_active());
         if key != ctx.root && !active {
             return Err((
                 close::NOT_ADMITTED,
@@ -679,9 +799,11 @@ async fn serve_stream<H: StoreHost>(
     let resp = match wire::decode_request(&bytes) {
         Ok(req) => {
             let host = ctx.host.clone();
-            tokio::task::spawn_blocking(move || super::core::answer(&host.lock_store(), &req))
+            tokio::task::spawn_blocking(move || host.with_store(|s| super::core::answer(s, &req)))
                 .await
-                .unwrap_or_else(|_| Response::Refused("internal error".into()))
+                .ok()
+                .flatten()
+                .unwrap_or_else(|| Response::Refused("shutting down".into()))
         }
         Err(e) => Response::Refused(e.to_string()),
     };
