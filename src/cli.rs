@@ -133,7 +133,7 @@ pub fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<()> {
         Command::Join(args) => crate::api::client::join_command(cfg, args, out),
         Command::Leave(args) => crate::api::client::leave_command(cfg, args, out),
         Command::Status(args) => crate::status::status_command(cfg, args, out),
-        Command::Demo(args) => crate::demo::demo_command(args, out),
+        Command::Demo(args) => crate::demo::demo_command(cfg, args, out),
         Command::Config { json } => {
             if json {
                 return write_json(out, cfg);

@@ -46,23 +46,30 @@ pub struct DemoArgs {
     /// as on Ctrl-C.
     #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
     pub run_for: Option<Duration>,
-    /// WireGuard implementation of every server and client.
-    #[arg(long, value_enum, default_value_t = DemoDataplane::Userspace)]
-    pub dataplane: DemoDataplane,
     /// Seconds between two status tables.
     #[arg(long, value_name = "SECS", default_value_t = 3)]
     pub interval: u64,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+/// The WireGuard implementation of every server and client of the demo: the global
+/// `--dataplane` (`kernel` or `userspace`); `auto` means userspace here, so the demo runs the
+/// same on every host (wireguard-go) unless kernel WireGuard is asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DemoDataplane {
-    /// wireguard-go (works on any kernel).
     Userspace,
-    /// In-kernel WireGuard (needs the wireguard module).
     Kernel,
 }
 
 impl DemoDataplane {
+    fn from_config(d: crate::config::Dataplane) -> DemoDataplane {
+        match d {
+            crate::config::Dataplane::Kernel => DemoDataplane::Kernel,
+            crate::config::Dataplane::Auto | crate::config::Dataplane::Userspace => {
+                DemoDataplane::Userspace
+            }
+        }
+    }
+
     fn flag(self) -> &'static str {
         match self {
             DemoDataplane::Userspace => "userspace",
@@ -285,12 +292,17 @@ fn now_ms() -> u64 {
 }
 
 /// Runs the demo until Ctrl-C or `--for`. Needs root.
-pub fn demo_command(args: DemoArgs, out: &mut dyn std::io::Write) -> Result<()> {
+pub fn demo_command(
+    cfg: &crate::config::Config,
+    args: DemoArgs,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
+    let dataplane = DemoDataplane::from_config(cfg.dataplane);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let mut lab = Lab::new()?;
-    let r = rt.block_on(demo(&mut lab, &args, out));
+    let r = rt.block_on(demo(&mut lab, &args, dataplane, out));
     drop(lab);
     writeln!(
         out,
@@ -300,7 +312,12 @@ pub fn demo_command(args: DemoArgs, out: &mut dyn std::io::Write) -> Result<()> 
     r
 }
 
-async fn demo(lab: &mut Lab, args: &DemoArgs, out: &mut dyn std::io::Write) -> Result<()> {
+async fn demo(
+    lab: &mut Lab,
+    args: &DemoArgs,
+    dataplane: DemoDataplane,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -311,7 +328,7 @@ async fn demo(lab: &mut Lab, args: &DemoArgs, out: &mut dyn std::io::Write) -> R
         }
     };
     tokio::select! {
-        r = run_demo(lab, args, out) => r,
+        r = run_demo(lab, args, dataplane, out) => r,
         why = stopped => {
             writeln!(out, "demo: stopping ({why})")?;
             Ok(())
@@ -319,7 +336,12 @@ async fn demo(lab: &mut Lab, args: &DemoArgs, out: &mut dyn std::io::Write) -> R
     }
 }
 
-async fn run_demo(lab: &mut Lab, args: &DemoArgs, out: &mut dyn std::io::Write) -> Result<()> {
+async fn run_demo(
+    lab: &mut Lab,
+    args: &DemoArgs,
+    dataplane: DemoDataplane,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
     if !nix_is_root() {
         bail!("the demo needs root (it creates network namespaces): run it with sudo");
     }
@@ -371,7 +393,7 @@ async fn run_demo(lab: &mut Lab, args: &DemoArgs, out: &mut dyn std::io::Write) 
         });
     }
     for s in servers.iter_mut() {
-        start_server(lab, s, &servers_seed(s), &root, &root_pub, args.dataplane)?;
+        start_server(lab, s, &servers_seed(s), &root, &root_pub, dataplane)?;
     }
     for s in servers.iter_mut() {
         s.url = Some(wait_url(&s.dir.join("serve.log"), Duration::from_secs(60)).await?);
@@ -408,7 +430,7 @@ async fn run_demo(lab: &mut Lab, args: &DemoArgs, out: &mut dyn std::io::Write) 
     // second joins another server with it (once the key has replicated there).
     for pair in [(0usize, 1usize), (2, 3)] {
         let url = servers[clients[pair.0].server].url.clone().context("url")?;
-        let first = start_client(lab, &clients[pair.0], &url, None, args.dataplane).await?;
+        let first = start_client(lab, &clients[pair.0], &url, None, dataplane).await?;
         writeln!(
             out,
             "client {} joined {} -> {}",
@@ -418,7 +440,7 @@ async fn run_demo(lab: &mut Lab, args: &DemoArgs, out: &mut dyn std::io::Write) 
         let key = make_setup_key(&clients[pair.0].ns, &first, &url).await?;
         clients[pair.0].answer = Some(first);
         let url2 = servers[clients[pair.1].server].url.clone().context("url")?;
-        let second = start_client(lab, &clients[pair.1], &url2, Some(&key), args.dataplane).await?;
+        let second = start_client(lab, &clients[pair.1], &url2, Some(&key), dataplane).await?;
         writeln!(
             out,
             "client {} joined {} with {}'s setup key -> {}",
