@@ -349,6 +349,14 @@ impl Store {
         self.clock
     }
 
+    /// True if an op carrying `author`'s request `nonce` is already in the log (a new op with
+    /// that request would be a replay with no effect).
+    pub fn request_seen(&self, author: &PublicKey, nonce: u64) -> Result<bool, StoreError> {
+        let rtx = self.db.begin_read()?;
+        let requests = rtx.open_table(REQUEST_IDS)?;
+        Ok(requests.get(&log_key(author, nonce)[..])?.is_some())
+    }
+
     /// How many full refolds (a late op sorting before the checkpoint) this process has done.
     pub fn refolds(&self) -> u64 {
         self.refolds
@@ -385,6 +393,15 @@ impl Store {
     ) -> Result<Vec<Result<Submitted, StoreError>>, StoreError> {
         // Signatures and structure first, outside the transaction.
         let verified: Vec<_> = ops.iter().map(|b| op::verify_op(b)).collect();
+        self.submit_verified(verified, now_ms)
+    }
+
+    /// [`Store::submit_batch`] after the signature checks.
+    fn submit_verified(
+        &mut self,
+        verified: Vec<Result<op::VerifiedOp, OpError>>,
+        now_ms: u64,
+    ) -> Result<Vec<Result<Submitted, StoreError>>, StoreError> {
         let tx = self.db.begin_write()?;
         let result = self.submit_in(&tx, verified, now_ms);
         match result {
@@ -702,7 +719,8 @@ impl Store {
     }
 
     /// Appends a local op: assigns the next seq of `origin_key`'s log and a fresh HLC, signs it as
-    /// the origin, and submits it through [`Store::submit`] like any received op.
+    /// the origin, and submits it like any received op (the same fold and checks; only the
+    /// signature this call just made is not verified again).
     /// `author_proof` must be `Some` exactly when `author` is not the origin (see `crate::op`).
     pub fn append_local(
         &mut self,
@@ -727,7 +745,7 @@ impl Store {
         let origin = origin_key.public();
         let mut seq = self.heads.get(&origin).copied().unwrap_or(0);
         let mut clock = self.clock;
-        let envelopes: Vec<Vec<u8>> = ops
+        let verified: Vec<_> = ops
             .into_iter()
             .map(|(author, body, author_proof)| {
                 seq += 1;
@@ -742,10 +760,18 @@ impl Store {
                     },
                     author_proof,
                 };
-                op::seal_op(origin_key.pair(), &logged)
+                let bytes = op::seal_op(origin_key.pair(), &logged);
+                // This server's own op, signed just now: checking that signature again would
+                // only cost time (a verify is several signs). An author's proof, from a client,
+                // is checked like on every other server.
+                if logged.author_proof.is_none() && logged.op.author == origin {
+                    Ok(op::VerifiedOp { logged, bytes })
+                } else {
+                    op::verify_op(&bytes)
+                }
             })
             .collect();
-        self.submit_batch(&envelopes, now_ms)
+        self.submit_verified(verified, now_ms)
     }
 
     /// The op envelopes of `origin` with seq in `from..=to` (for replication and inspection).

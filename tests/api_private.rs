@@ -1496,3 +1496,116 @@ async fn client_signed_ops_answer_every_role_as_its_permissions_say() {
         assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, want), "{v}");
     }
 }
+
+/// A client-signed op that would have no effect (a replayed request, or a change the state
+/// refuses) is answered 409 without being appended: the log does not grow. An op that takes
+/// effect is appended (one op), and only once.
+#[actix_web::test]
+async fn refused_client_ops_are_answered_without_growing_the_log() {
+    use lemonade_nexus::op::{self, OpBody};
+    use lemonade_nexus::tree::{NodeField, NodeId, NodeKind, TreeOp};
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = api_state(dir.path(), Registration::Open);
+    let (public, private) = apps!(state);
+    let t = Tokens::new(&public, &state).await;
+    let group = NodeId(
+        hex::decode(&t.owner.group_id)
+            .expect("hex")
+            .try_into()
+            .expect("16"),
+    );
+    let owner = NodeKey::from_seed(&[2; 32]);
+    let ops_in_log = || {
+        state
+            .store
+            .lock()
+            .expect("store")
+            .op_count()
+            .expect("count")
+    };
+    let submit = |body: OpBody, nonce: u64| {
+        let req = STANDARD.encode(op::seal_request(
+            owner.pair(),
+            &body,
+            now(),
+            now() + 60_000,
+            nonce,
+        ));
+        let private = &private;
+        let token = t.owner.token.clone();
+        async move {
+            call(
+                private,
+                Method::POST,
+                "/api/ops",
+                Some(&token),
+                Some(json!({ "request": req })),
+            )
+            .await
+        }
+    };
+    let note = OpBody::Tree(TreeOp::Update {
+        node: group,
+        field: NodeField::Metadata {
+            key: "note".into(),
+            value: Some("hello".into()),
+        },
+    });
+
+    // Takes effect: appended, exactly one op.
+    let before = ops_in_log();
+    let (s, v) = submit(note.clone(), 1).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(ops_in_log(), before + 1);
+
+    // The same request again: a replay, refused before the append.
+    let (s, v) = submit(note.clone(), 1).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::CONFLICT, "refused_by_state"),
+        "{v}"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("already submitted"),
+        "{v}"
+    );
+    assert_eq!(ops_in_log(), before + 1, "a replay must not be appended");
+
+    // Refused by the state: a second child with the hostname the owner's device already has.
+    let (_, device) = call(
+        &private,
+        Method::GET,
+        &format!("/api/tree/{}", t.owner.node_id),
+        Some(&t.owner.token),
+        None,
+    )
+    .await;
+    let taken = device["hostname"].as_str().expect("hostname").to_owned();
+    let twin = OpBody::Tree(TreeOp::Create {
+        parent: group,
+        kind: NodeKind::Endpoint,
+        hostname: taken,
+        owner: None,
+        wg_pubkey: None,
+    });
+    let (s, v) = submit(twin, 2).await;
+    assert_eq!(
+        (s, code(&v)),
+        (StatusCode::CONFLICT, "refused_by_state"),
+        "{v}"
+    );
+    assert_eq!(
+        ops_in_log(),
+        before + 1,
+        "a refused op must not be appended"
+    );
+
+    // A fresh request with the same change takes effect again (the nonce, not the body, is
+    // what makes a replay), and is appended.
+    let (s, v) = submit(note, 3).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(ops_in_log(), before + 2);
+}

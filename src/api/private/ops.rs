@@ -8,8 +8,12 @@
 //! same limits the dedicated routes apply (see `api_policy`): no root or server nodes, owner/WireGuard
 //! key changes need admin, `ln:` metadata keys are reserved, no block or backbone ops.
 //!
-//! A request takes effect once: submitting the same request again is appended with no effect by
-//! the store (a replay) and answered 409 `refused_by_state`.
+//! A request takes effect once. Before appending, the server checks the op against the request
+//! ids already in the log and against the current state (a dry run of the fold on a copy): a
+//! replayed request, or one the state refuses, is answered 409 `refused_by_state` WITHOUT being
+//! appended, so refusals do not grow the replicated log. The check and the append run under one
+//! store lock; the fold stays authoritative (an op that passed the check and still had no effect,
+//! say because a replicated op sorted before it, is in the log and answered 409 the same way).
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
@@ -136,12 +140,57 @@ fn api_policy(
     Ok(())
 }
 
+/// Why a request would have no effect (see the module docs).
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("request {nonce} of {author} was already submitted (a replay has no effect)")]
+    Replayed {
+        author: crate::keys::PublicKey,
+        nonce: u64,
+    },
+    #[error("{0}")]
+    State(crate::state::Rejection),
+}
+
+/// The dry run: would `req`, appended now as `server`'s next op, take effect? Checks the request
+/// ids in the log, then folds the op into a copy of the state with the seq and HLC the append
+/// will give it. (Copying the state costs a little per submission; client-signed ops are rare
+/// next to joins and heartbeats, and a refusal no longer costs a log entry on every server.)
+fn would_take_effect(
+    store: &crate::store::Store,
+    server: crate::keys::PublicKey,
+    req: &op::AcceptedRequest,
+    now_ms: u64,
+) -> Result<(), Refusal> {
+    // A failed read leaves the decision to the fold, which refuses a replay all the same.
+    let seen = store
+        .request_seen(&req.author, req.proof.nonce)
+        .unwrap_or(false);
+    if seen {
+        return Err(Refusal::Replayed {
+            author: req.author,
+            nonce: req.proof.nonce,
+        });
+    }
+    let probe = op::Op {
+        origin: server,
+        seq: store.heads().get(&server).copied().unwrap_or(0) + 1,
+        hlc: store.clock().tick(now_ms),
+        author: req.author,
+        body: req.body.clone(),
+    };
+    let mut copy = store.state().clone();
+    copy.apply(&probe).map_err(Refusal::State)
+}
+
 /// Checks and appends under one store lock (the check and the append see the same state).
 fn append_request(state: &ApiState, req: op::AcceptedRequest) -> Result<u64, ApiError> {
     let mut store = state.lock_store();
     authz::authorize_op(store.state().tree(), &req.author, &req.body).map_err(denied)?;
     api_policy(store.state().tree(), &req.author, &req.body)?;
     let now = state.clock.now_ms();
+    would_take_effect(&store, state.server.public(), &req, now)
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "refused_by_state", e.to_string()))?;
     let r = store
         .append_local(&state.server, req.author, req.body, Some(req.proof), now)
         .map_err(ApiError::internal)?;
