@@ -60,6 +60,15 @@ pub enum Command {
     /// A whole cluster on this machine (root): three servers and four clients in network
     /// namespaces, a live status table and pings; Ctrl-C removes everything. See README "Demo".
     Demo(crate::demo::DemoArgs),
+    /// The cluster's offline root key (signs server certificates and revocations). See README
+    /// "Servers and trust".
+    #[command(subcommand)]
+    Root(crate::trust::cli::RootCommand),
+    /// Sign a server certificate with the root key: admits that server key to the cluster.
+    EnrollServer(crate::trust::cli::EnrollArgs),
+    /// Sign a revocation with the root key: removes a server from the cluster for good. Write it
+    /// to a file and/or submit it to a running server.
+    RevokeServer(crate::trust::cli::RevokeArgs),
     /// Print the effective configuration and where each value came from.
     Config {
         /// Print JSON instead of text.
@@ -133,6 +142,9 @@ pub fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<()> {
         Command::Join(args) => crate::api::client::join_command(cfg, args, out),
         Command::Leave(args) => crate::api::client::leave_command(cfg, args, out),
         Command::Status(args) => crate::status::status_command(cfg, args, out),
+        Command::Root(cmd) => crate::trust::cli::root_command(cmd, out),
+        Command::EnrollServer(args) => crate::trust::cli::enroll_command(args, out),
+        Command::RevokeServer(args) => crate::trust::cli::revoke_command(args, out),
         Command::Demo(args) => crate::demo::demo_command(cfg, args, out),
         Command::Config { json } => {
             if json {

@@ -114,6 +114,11 @@ pub struct ServeArgs {
     /// no peer is programmed).
     #[arg(long)]
     pub no_dataplane: bool,
+    /// This server's certificate: the base64 file written by `lemonade-nexus enroll-server`,
+    /// signed by the cluster root. Required with --root until the server is admitted; without
+    /// --root (the root is this server's own key) the server issues its own.
+    #[arg(long, value_name = "FILE", env = "LEMONADE_NEXUS_SERVER_CERT")]
+    pub server_cert: Option<PathBuf>,
     #[command(flatten)]
     pub backbone: crate::backbone::BackboneArgs,
     /// Gossip address (`host:port`, udp) of a server of the cluster to join (repeatable). A
@@ -285,7 +290,75 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The trust side of start-up (pure; `now_ms` only checks a given certificate's expiry): the
+/// `AdmitServer` op this server must append before anything else, if any.
+///
+/// * A revoked server refuses to start.
+/// * Already an active server: nothing (a certificate, if given, must still be this cluster's
+///   and name this server; it is not re-appended).
+/// * The cluster root is this server's own key (the single-server default, no `--root`): it
+///   issues its own certificate (it holds the root key), so nothing changes for the operator.
+/// * Otherwise `cert` (from `--server-cert`) is required and must verify against the root.
+pub fn admission_op(
+    state: &State,
+    me: &crate::identity::NodeKey,
+    cert: Option<&[u8]>,
+    name: &str,
+    now_ms: u64,
+) -> Result<Option<OpBody>> {
+    use crate::trust::{ServerCert, TrustOp};
+    let key = me.public();
+    let root = *state.tree().anchor();
+    if let Some(s) = state.server_status(&key).filter(|s| s.revoked.is_some()) {
+        bail!(
+            "this server ({key}) was revoked by the cluster root ({}); it cannot serve this cluster again. Use a new data directory and identity, enrolled with a new certificate",
+            if s.revoke_reason.is_empty() {
+                "no reason given"
+            } else {
+                &s.revoke_reason
+            }
+        );
+    }
+    if let Some(c) = cert {
+        let checked = crate::trust::verify_server_cert(c, &root, now_ms)
+            .map_err(|e| anyhow::anyhow!("--server-cert: {e}"))?;
+        if checked.server != key {
+            bail!(
+                "--server-cert is for server key {}, but this server's key is {key} (`lemonade-nexus identity show`)",
+                checked.server
+            );
+        }
+    }
+    if state.is_active_server(&key) {
+        return Ok(None);
+    }
+    let cert = match cert {
+        Some(c) => c.to_vec(),
+        None if root == key => crate::trust::seal_server_cert(
+            me.pair(),
+            &ServerCert {
+                server: key,
+                name: name.to_owned(),
+                issued_at_ms: now_ms,
+                expires_at_ms: 0,
+            },
+        ),
+        None => bail!(
+            "this cluster's root is {root}, not this server's key {key}, so the server needs a certificate: on the root key's machine run `lemonade-nexus enroll-server {key} --id <name> --root-key <file> --out server.cert`, then start with --server-cert server.cert"
+        ),
+    };
+    Ok(Some(OpBody::Trust(TrustOp::AdmitServer { cert })))
+}
+
 /// Opens (or creates, at genesis) identity and store, and appends the genesis ops.
+///
+/// The store's root is fixed when the store is created: `--root`, or this server's own key (a
+/// new single-server cluster). A server **joining an existing cluster** starts the same way (an
+/// empty data directory, `--root <cluster root>`, `--server-cert`, and gossip's seed peer): its
+/// new store carries the cluster's root, so it invents no cluster, and its own log starts with
+/// its `AdmitServer` and its server node; the rest of the cluster's state arrives by gossip.
+/// Rule: the first op of every server's log is its `AdmitServer` ([`admission_op`]), then
+/// [`genesis_ops`].
 fn open_state(cfg: &Config, args: &ServeArgs) -> Result<(Identity, Store, bool)> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
@@ -316,10 +389,21 @@ fn open_state(cfg: &Config, args: &ServeArgs) -> Result<(Identity, Store, bool)>
     // Genesis: no op in the log yet (a new data directory, or one prepared by `init`).
     let fresh = store.op_count()? == 0;
     let me = id.node.public();
+    let cert = match &args.server_cert {
+        Some(p) => Some(crate::trust::cli::read_object_file(p).context("--server-cert")?),
+        None => None,
+    };
+    // The server's name: --server-name, else its certificate's, else one derived from its key.
+    let cert_name = cert
+        .as_deref()
+        .and_then(|c| crate::trust::decode_server_cert(c, &store.root()).ok())
+        .map(|c| c.name);
     let name = args
         .server_name
         .clone()
+        .or(cert_name)
         .unwrap_or_else(|| format!("server-{}", &hex::encode(me.as_bytes())[..8]));
+    let admit = admission_op(store.state(), &id.node, cert.as_deref(), &name, now_ms())?;
     let ops = genesis_ops(
         store.state(),
         &me,
@@ -328,12 +412,13 @@ fn open_state(cfg: &Config, args: &ServeArgs) -> Result<(Identity, Store, bool)>
         args.admin_key,
         fresh,
     )?;
+    let ops: Vec<OpBody> = admit.into_iter().chain(ops).collect();
     if !ops.is_empty() {
         let batch = ops.into_iter().map(|b| (me, b, None)).collect();
         for r in store.append_local_batch(&id.node, batch, now_ms())? {
             if let Submitted::Appended { effect: Err(e), .. } = r? {
                 bail!(
-                    "genesis op refused: {e}. If the cluster's root is another key, that authority must first grant this server ({me}) admin on the root"
+                    "genesis op refused: {e}. If the cluster's root is another key, start this server ({me}) with --server-cert (from `lemonade-nexus enroll-server`)"
                 );
             }
         }
@@ -345,7 +430,7 @@ fn open_state(cfg: &Config, args: &ServeArgs) -> Result<(Identity, Store, bool)>
         Permission::Admin,
     ] {
         crate::authz::authorize(tree, &me, p, NodeId::ROOT).map_err(|e| {
-            anyhow::anyhow!("this server cannot enrol devices: {e}. The cluster root must grant it admin on the root")
+            anyhow::anyhow!("this server cannot enrol devices: {e}. Start it with --server-cert (from `lemonade-nexus enroll-server`), or the cluster root must grant it admin on the root")
         })?;
     }
     Ok((id, store, fresh))
@@ -793,6 +878,119 @@ mod tests {
         // A later start cannot name another administrator.
         let other = NodeKey::from_seed(&[3; 32]).public();
         assert!(genesis_ops(&state, &me, [5; 32], "srv", Some(other), false).is_err());
+    }
+
+    #[test]
+    fn admission_is_self_issued_for_a_root_server_and_required_otherwise() {
+        use crate::trust::{ServerCert, seal_revocation, seal_server_cert};
+        let root = NodeKey::from_seed(&[1; 32]);
+        let me = NodeKey::from_seed(&[2; 32]);
+        // Single server: the root is this server's key; it admits itself, then genesis follows.
+        let mut solo = State::new(root.public());
+        let admit = admission_op(&solo, &root, None, "solo", 1_000)
+            .expect("self-issued")
+            .expect("an op");
+        let mut ops = vec![admit];
+        ops.extend(
+            genesis_ops(&solo, &root.public(), [5; 32], "solo", None, true).expect("genesis"),
+        );
+        let mut seq = 0;
+        apply_all(&mut solo, &root.public(), &mut seq, ops);
+        assert!(solo.is_active_server(&root.public()));
+        assert!(
+            admission_op(&solo, &root, None, "solo", 2_000)
+                .expect("restart")
+                .is_none(),
+            "already admitted: nothing on restart"
+        );
+
+        // A server of a cluster whose root is elsewhere: a certificate is required.
+        let mut state = State::new(root.public());
+        let e = admission_op(&state, &me, None, "eu-1", 1_000).expect_err("no cert");
+        assert!(e.to_string().contains("enroll-server"), "{e}");
+        let cert = |signer: &NodeKey, server: PublicKey, expires| {
+            seal_server_cert(
+                signer.pair(),
+                &ServerCert {
+                    server,
+                    name: "eu-1".into(),
+                    issued_at_ms: 500,
+                    expires_at_ms: expires,
+                },
+            )
+        };
+        let stranger = NodeKey::from_seed(&[3; 32]);
+        let e = admission_op(
+            &state,
+            &me,
+            Some(&cert(&stranger, me.public(), 0)),
+            "x",
+            1_000,
+        )
+        .expect_err("wrong root");
+        assert!(
+            e.to_string().contains(&format!(
+                "signed by {}, but this cluster's root is {}",
+                stranger.public(),
+                root.public()
+            )),
+            "{e}"
+        );
+        let e = admission_op(
+            &state,
+            &me,
+            Some(&cert(&root, stranger.public(), 0)),
+            "x",
+            1_000,
+        )
+        .expect_err("someone else's");
+        assert!(e.to_string().contains("this server's key is"), "{e}");
+        assert!(
+            admission_op(
+                &state,
+                &me,
+                Some(&cert(&root, me.public(), 900)),
+                "x",
+                1_000
+            )
+            .is_err(),
+            "expired"
+        );
+        let good = cert(&root, me.public(), 0);
+        let admit = admission_op(&state, &me, Some(&good), "eu-1", 1_000)
+            .expect("valid")
+            .expect("an op");
+        let mut ops = vec![admit];
+        ops.extend(genesis_ops(&state, &me.public(), [6; 32], "eu-1", None, true).expect("g"));
+        let mut seq = 0;
+        apply_all(&mut state, &me.public(), &mut seq, ops);
+        assert!(
+            crate::authz::authorize(state.tree(), &me.public(), Permission::Admin, NodeId::ROOT)
+                .is_ok()
+        );
+
+        // Revoked: the server refuses to start.
+        let rev = seal_revocation(
+            root.pair(),
+            &crate::trust::Revocation {
+                server: me.public(),
+                issued_at_ms: 2_000,
+                reason: "stolen".into(),
+            },
+        );
+        apply_all(
+            &mut state,
+            &me.public(),
+            &mut seq,
+            vec![OpBody::Trust(crate::trust::TrustOp::RevokeServer {
+                revocation: rev,
+            })],
+        );
+        let e = admission_op(&state, &me, Some(&good), "eu-1", 3_000).expect_err("revoked");
+        assert!(
+            e.to_string().contains("revoked") && e.to_string().contains("stolen"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -356,5 +356,8 @@ mod bounded_bytes {
     }
 }
 
+pub mod cli;
+pub mod root_key;
+
 #[cfg(test)]
 mod tests;

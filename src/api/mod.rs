@@ -7,6 +7,7 @@
 //! | `POST /api/auth/challenge` | [`auth`]     | none (issues a single-use challenge)  |
 //! | `POST /api/auth`           | [`auth`]     | Ed25519 proof over a challenge        |
 //! | `POST /api/join`           | [`join`]     | the same proof, inline                |
+//! | `POST /api/trust/revocations` | [`trust`] | none: the cluster root's signature on the revocation |
 //!
 //! Handlers are thin: they parse, call the pure functions of their module (unit-tested without
 //! HTTP), and append to the store. Every error is JSON of one stable shape,
@@ -20,6 +21,7 @@ pub mod join;
 pub mod private;
 pub mod ratelimit;
 pub mod servers;
+pub mod trust;
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -341,7 +343,8 @@ async fn not_found() -> Result<HttpResponse, ApiError> {
         servers::get,
         auth::post_challenge,
         auth::post_auth,
-        join::post_join
+        join::post_join,
+        trust::post_revocation
     ),
     components(schemas(ErrorBody, ErrorDetail))
 )]
@@ -376,6 +379,10 @@ pub fn public(state: Arc<ApiState>) -> impl FnOnce(&mut web::ServiceConfig) {
                     .route("/api/auth/challenge", web::post().to(auth::post_challenge))
                     .route("/api/auth", web::post().to(auth::post_auth))
                     .route("/api/join", web::post().to(join::post_join))
+                    .route(
+                        "/api/trust/revocations",
+                        web::post().to(trust::post_revocation),
+                    )
                     .route("/api/openapi.json", web::get().to(openapi_json))
                     .default_service(web::to(not_found)),
             );

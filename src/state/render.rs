@@ -23,7 +23,55 @@ pub fn render_tree(state: &State) -> String {
         let _ = writeln!(out, "{}", node_line(state, root));
         render_children(state, &NodeId::ROOT, "", &mut out);
     }
+    // The servers the cluster root admitted or revoked (nothing before the first admission).
+    let servers = server_views(state);
+    if !servers.is_empty() {
+        let _ = writeln!(out, "servers ({}):", servers.len());
+        for s in &servers {
+            let _ = write!(out, "  {}  {}  {}", s.name, s.key, s.status);
+            if let Some(r) = &s.revoke_reason {
+                let _ = write!(out, " ({r})");
+            }
+            let _ = writeln!(out);
+        }
+    }
     out
+}
+
+/// One server of the trust table, for `tree show`.
+#[derive(Debug, Serialize)]
+pub struct ServerView {
+    pub key: String,
+    pub name: String,
+    /// `active` or `revoked` (`revoked` also for a key revoked before it was ever admitted).
+    pub status: &'static str,
+    pub admitted_at_ms: Option<u64>,
+    pub revoked_at_ms: Option<u64>,
+    pub revoke_reason: Option<String>,
+}
+
+fn server_views(state: &State) -> Vec<ServerView> {
+    state
+        .trust()
+        .map()
+        .iter()
+        .map(|(k, s)| ServerView {
+            key: k.to_string(),
+            name: s.name.clone(),
+            status: if s.revoked.is_some() {
+                "revoked"
+            } else {
+                "active"
+            },
+            admitted_at_ms: s.admitted.map(|h| h.wall_ms),
+            revoked_at_ms: s.revoked.map(|h| h.wall_ms),
+            revoke_reason: s
+                .revoked
+                .is_some()
+                .then(|| s.revoke_reason.clone())
+                .filter(|r| !r.is_empty()),
+        })
+        .collect()
 }
 
 /// Depth is bounded by `tree::limits::MAX_DEPTH`, so this recursion is shallow.
@@ -107,6 +155,8 @@ pub fn render_ipam(state: &State) -> String {
 pub struct TreeView {
     pub anchor: String,
     pub nodes: Vec<NodeView>,
+    /// The trust table: servers admitted or revoked by the cluster root.
+    pub servers: Vec<ServerView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -174,6 +224,7 @@ pub fn tree_view(state: &State) -> TreeView {
     TreeView {
         anchor: state.tree().anchor().to_string(),
         nodes,
+        servers: server_views(state),
     }
 }
 
