@@ -7,16 +7,19 @@
 //! AdmitServer op first. Then, 200 times: a random server appends one op (a new customer node),
 //! and the time until every server's store holds it is recorded (polled every 0.5 ms).
 //!
-//! Both push strategies run in the same process, one after the other on fresh clusters:
-//! `fanout:4` (the default: the origin and every receiver forward to 4 random peers) and the
-//! naive `all` (the origin sends to everyone, no forwarding). "Bytes per server per op" counts
-//! the gossip datagram bytes (pushed ops and SWIM) sent during the measured window, divided by
-//! N and by the number of ops (anti-entropy stream bytes are not included).
+//! Both push strategies run in the same process, one after the other on fresh clusters: `all`
+//! (the default and the send-to-everyone baseline the issue names: the origin sends each op to
+//! every peer, nobody forwards; anti-entropy repairs losses) and `fanout:4` (epidemic: the origin
+//! and every receiver forward to 4 random peers). "Bytes per server per op" counts the gossip
+//! datagram bytes (pushed ops and SWIM) sent during the measured window, divided by N and by the
+//! number of ops (anti-entropy stream bytes are not included).
 //!
 //! Prints one JSON line per (N, strategy) and writes `target/bench-results/gossip_convergence.json`
 //! (`rows: [{servers, p50_ms, p99_ms, bytes_per_server_per_op, naive_p50_ms, naive_p99_ms,
-//! naive_bytes_per_server_per_op}]`). Knobs: `LEMONADE_BENCH_QUICK=1` (50 ops, N = 3 and 10),
-//! `GOSSIP_BENCH_OPS=n`.
+//! naive_bytes_per_server_per_op, fanout_p50_ms, fanout_p99_ms, fanout_bytes_per_server_per_op}]`;
+//! `p*` is the default strategy, `naive_*` the send-to-everyone baseline — the same strategy, run
+//! separately, so its ratio shows the run-to-run spread — and `fanout_*` the epidemic
+//! alternative). Knobs: `LEMONADE_BENCH_QUICK=1` (50 ops, N = 3 and 10), `GOSSIP_BENCH_OPS=n`.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -225,19 +228,25 @@ fn main() {
         .build()
         .expect("runtime");
     let chosen = CoreConfig::default().push;
+    let fanout = Push::Fanout { k: 4 };
     let mut rows = Vec::new();
     for (round, &n) in sizes.iter().enumerate() {
         let base = 1 + (round as u8) * 70;
         let ours = rt.block_on(measure(n, chosen, ops, base));
         let naive = rt.block_on(measure(n, Push::All, ops, base));
-        for (name, m) in [("chosen", &ours), ("naive_all", &naive)] {
+        let epidemic = rt.block_on(measure(n, fanout, ops, base));
+        for (name, push, m) in [
+            ("default", chosen, &ours),
+            ("naive_send_to_everyone", Push::All, &naive),
+            ("fanout", fanout, &epidemic),
+        ] {
             println!(
                 "{}",
                 serde_json::json!({
                     "bench": "gossip_convergence",
                     "servers": n,
                     "strategy": name,
-                    "push": format!("{:?}", if name == "chosen" { chosen } else { Push::All }),
+                    "push": format!("{push:?}"),
                     "ops": ops,
                     "p50_ms": m.p50_ms,
                     "p99_ms": m.p99_ms,
@@ -254,6 +263,9 @@ fn main() {
             "naive_p50_ms": naive.p50_ms,
             "naive_p99_ms": naive.p99_ms,
             "naive_bytes_per_server_per_op": naive.bytes_per_server_per_op,
+            "fanout_p50_ms": epidemic.p50_ms,
+            "fanout_p99_ms": epidemic.p99_ms,
+            "fanout_bytes_per_server_per_op": epidemic.bytes_per_server_per_op,
         }));
     }
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-results");

@@ -396,8 +396,15 @@ pub fn status_command(cfg: &Config, args: StatusArgs, out: &mut dyn std::io::Wri
     let (health_note, fallback_reason, health_if) = match &health {
         Ok(h) => (
             format!(
-                "server running (backend {})",
-                h["dataplane"]["backend"].as_str().unwrap_or("?")
+                "server running (backend {}); state {} ({} ops); gossip: {}",
+                h["dataplane"]["backend"].as_str().unwrap_or("?"),
+                h["state_hash"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .get(..16)
+                    .unwrap_or("?"),
+                h["op_count"].as_u64().unwrap_or(0),
+                gossip_summary(&h["gossip"])
             ),
             h["dataplane"]["fallback_reason"].as_str().map(String::from),
             h["dataplane"]["interface"].as_str().map(String::from),
@@ -454,6 +461,36 @@ pub fn status_command(cfg: &Config, args: StatusArgs, out: &mut dyn std::io::Wri
     } else {
         Ok(write!(out, "{}", render_server(&s))?)
     }
+}
+
+/// "2 alive, 0 suspect, 1 dead (peers: key1 alive, ...)" from the `gossip` of `/api/health`.
+fn gossip_summary(g: &serde_json::Value) -> String {
+    let Some(peers) = g["peers"].as_array() else {
+        return "not running".into();
+    };
+    let count = |s: &str| peers.iter().filter(|p| p["status"] == s).count();
+    let list: Vec<String> = peers
+        .iter()
+        .map(|p| {
+            format!(
+                "{} {} {}",
+                p["addr"].as_str().unwrap_or("?"),
+                p["status"].as_str().unwrap_or("?"),
+                if p["connected"] == true {
+                    "connected"
+                } else {
+                    "not connected"
+                }
+            )
+        })
+        .collect();
+    format!(
+        "{} alive, {} suspect, {} dead [{}]",
+        count("alive"),
+        count("suspect"),
+        count("dead"),
+        list.join("; ")
+    )
 }
 
 /// `GET /api/health` of the server on this host: its configured API address (a wildcard address

@@ -21,6 +21,16 @@ pub struct Health {
     /// True when `auto` fell back to the userspace backend.
     pub dataplane_fell_back: bool,
     pub registration: super::join::Registration,
+    /// Ops in the replicated log (servers with the same ops have the same state hash).
+    /// (Not yet in the committed OpenAPI document: regenerate it with `LN_UPDATE_OPENAPI=1`.)
+    #[serde(default)]
+    #[schema(ignore)]
+    pub op_count: u64,
+    /// Gossip with the other servers: listen address, every known server (alive / suspect /
+    /// dead, connected or not) and counters. Absent when no gossip runs in this process.
+    #[serde(default)]
+    #[schema(ignore)]
+    pub gossip: Option<crate::gossip::node::GossipStatus>,
 }
 
 #[utoipa::path(
@@ -40,5 +50,12 @@ pub async fn get(state: web::Data<ApiState>) -> HttpResponse {
         dataplane: state.dataplane.clone(),
         dataplane_fell_back: state.dataplane.fallback_reason.is_some(),
         registration: state.settings.registration,
+        op_count: state
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .op_count()
+            .unwrap_or(0),
+        gossip: crate::gossip::node::running().map(|g| g.status()),
     })
 }

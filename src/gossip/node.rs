@@ -35,7 +35,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 
 use super::core::{Core, CoreConfig, Counters, Outcome, Output, Via};
@@ -184,7 +184,7 @@ pub struct NodeConfig {
 }
 
 /// One server as this one sees it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PeerView {
     pub key: String,
     pub addr: String,
@@ -193,7 +193,7 @@ pub struct PeerView {
 }
 
 /// What `/api/health` and `status` show.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct GossipStatus {
     pub listen: String,
     pub peers: Vec<PeerView>,
