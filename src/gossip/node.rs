@@ -85,11 +85,16 @@ impl StoreHost for ApiHost {
         let Some(st) = self.state.upgrade() else {
             return;
         };
-        st.state_changed();
+        // The version names the state that now includes the ops (read under the store lock).
+        let version = {
+            let _store = st.store.lock().unwrap_or_else(|p| p.into_inner());
+            st.state_changed();
+            st.version()
+        };
         // Program the peers other servers enrolled: ask the client-plane reconciler to run.
         self.runtime.spawn(async move {
             if let Some(p) = &st.peers {
-                p.sync(u64::MAX, Duration::ZERO).await;
+                p.sync(version, Duration::ZERO).await;
             }
         });
     }
