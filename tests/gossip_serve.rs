@@ -1,7 +1,8 @@
 //! Three `serve` processes on loopback (no dataplane: gossip and the store only) replicate one
 //! signed log: every server's ops reach the others (same state hash and op count in
 //! `/api/health`), a server killed with SIGKILL is declared dead by the others within seconds,
-//! and when restarted it catches up with what happened while it was down.
+//! when restarted it catches up with what happened while it was down, and once the root revokes
+//! it, its gossip connections are closed and its new handshakes refused.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -246,4 +247,41 @@ fn three_servers_replicate_detect_a_dead_one_and_catch_it_up() {
     wait_for("c to be alive again", Duration::from_secs(30), || {
         health(&rt, &url_a).is_some_and(|h| peer_status(&h, ports[2]).as_deref() == Some("alive"))
     });
+    assert_eq!(
+        peer_connected(&health(&rt, &url_a).expect("a"), ports[2]),
+        Some(true)
+    );
+
+    // The root revokes c (submitted to b): a and b close c's connections and refuse it from then
+    // on, although c keeps dialling its seed.
+    let mut rev = bin();
+    rev.args(["revoke-server", &keys[2], "--root-key"])
+        .arg(&root_key)
+        .args(["--reason", "retired"])
+        .args([
+            "--submit",
+            &format!("https://{}:{}", url_b.host, url_b.port),
+        ])
+        .args(["--pin", &url_b.pin.to_string()]);
+    ok(rev.output().expect("revoke c"));
+    wait_for("a and b to cut c off", Duration::from_secs(20), || {
+        [&url_a, &url_b]
+            .iter()
+            .all(|u| health(&rt, u).is_some_and(|h| peer_connected(&h, ports[2]) != Some(true)))
+    });
+    // c redials its seed every few seconds: still refused.
+    std::thread::sleep(Duration::from_secs(7));
+    for u in [&url_a, &url_b] {
+        let h = health(&rt, u).expect("health");
+        assert_ne!(peer_connected(&h, ports[2]), Some(true), "{h}");
+    }
+}
+
+/// Whether another server reports a gossip connection to the server on `port`.
+fn peer_connected(h: &Value, port: u16) -> Option<bool> {
+    h["gossip"]["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["addr"] == format!("127.0.0.1:{port}"))
+        .and_then(|p| p["connected"].as_bool())
 }
