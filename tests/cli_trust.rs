@@ -295,6 +295,24 @@ fn enrolled_server_starts_and_a_submitted_revocation_takes_effect() {
         err.contains("400") && err.contains("bad_revocation") && err.contains("signed by"),
         "{err}"
     );
+    // Garbage is a 400 with the JSON error shape, never a 500.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let client = lemonade_nexus::api::client::PinnedClient::new(url.clone()).expect("client");
+    for body in [
+        serde_json::json!({"revocation": "not base64!"}),
+        serde_json::json!({"revocation": "AAAA"}),
+        serde_json::json!({"wrong": 1}),
+    ] {
+        let r = rt
+            .block_on(client.post("/api/trust/revocations", &body))
+            .expect("answer");
+        assert_eq!(r.status, 400, "{body}");
+        let v: Value = serde_json::from_slice(&r.body).expect("json error");
+        assert!(v["error"]["code"].is_string(), "{v}");
+    }
     // Without a pin, --submit refuses to talk to the server.
     let err = failed(run({
         let mut c = bin();

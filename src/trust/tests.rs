@@ -178,3 +178,26 @@ fn trust_op_encodes_envelopes_as_byte_strings() {
     });
     assert!(signed::from_cbor_canonical::<TrustOp>(&big).is_err());
 }
+
+proptest::proptest! {
+    /// Decoding hostile bytes (random, or a valid certificate with one byte changed or cut
+    /// short) never panics and never accepts anything but the original.
+    #[test]
+    fn hostile_bytes_never_panic_or_verify(
+        bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+        pos in 0usize..400, val in proptest::prelude::any::<u8>(), cut in 0usize..400,
+    ) {
+        let root = root();
+        let _ = verify_server_cert(&bytes, &root.public(), 1);
+        let _ = verify_revocation(&bytes, &root.public());
+        let _ = signed::from_cbor_canonical::<TrustOp>(&bytes);
+        let good = seal_server_cert(root.pair(), &cert(NodeKey::from_seed(&[2; 32]).public(), 0));
+        let mut m = good.clone();
+        let p = pos % m.len();
+        if m[p] != val {
+            m[p] = val;
+            proptest::prop_assert!(verify_server_cert(&m, &root.public(), 1).is_err());
+        }
+        proptest::prop_assert!(verify_server_cert(&good[..cut % good.len()], &root.public(), 1).is_err());
+    }
+}
