@@ -237,6 +237,44 @@ pub fn verify_revocation(bytes: &[u8], root: &PublicKey) -> Result<Revocation, T
     Ok(r)
 }
 
+/// Whether `key`, presenting `cert` (possibly empty), may act as a server of the cluster whose
+/// folded state is `state`, at local time `now_ms` (for transports admitting peers, e.g. gossip).
+///
+/// * revoked: never;
+/// * already an active server in the state: yes; a presented certificate must still be signed by
+///   the root and name `key`, but its expiry does not matter (expiry is an admission rule, checked
+///   once, at the admitting op's HLC; an admitted server needs no renewal);
+/// * the root key itself: yes (the single-server cluster whose root runs as the server);
+/// * otherwise (not yet admitted, e.g. a server joining): `cert` must verify now and name `key`.
+pub fn check_peer(
+    state: &crate::state::State,
+    key: &PublicKey,
+    cert: &[u8],
+    now_ms: u64,
+) -> Result<(), TrustError> {
+    let root = *state.tree().anchor();
+    if state.is_revoked(key) {
+        return Err(TrustError::Revoked(*key));
+    }
+    let named = |c: ServerCert| {
+        if c.server == *key {
+            Ok(())
+        } else {
+            Err(TrustError::NotTheAuthor {
+                cert_server: c.server,
+                author: *key,
+            })
+        }
+    };
+    if state.is_active_server(key) || *key == root {
+        if cert.is_empty() {
+            return Ok(());
+        }
+        return named(decode_server_cert(cert, &root)?);
+    }
+    named(verify_server_cert(cert, &root, now_ms)?)
+}
+
 /// A server name must be a DNS label (it is also the server's hostname in the tree).
 pub fn check_name(name: &str) -> Result<(), TrustError> {
     if crate::tree::is_dns_label(name) && name == name.to_ascii_lowercase() {

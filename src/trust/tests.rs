@@ -201,3 +201,66 @@ proptest::proptest! {
         proptest::prop_assert!(verify_server_cert(&good[..cut % good.len()], &root.public(), 1).is_err());
     }
 }
+
+#[test]
+fn peers_are_checked_against_the_folded_state() {
+    use crate::hlc::Hlc;
+    use crate::op::{Op, OpBody};
+    use crate::state::State;
+    let root = root();
+    let (a, b, c) = (
+        NodeKey::from_seed(&[2; 32]),
+        NodeKey::from_seed(&[3; 32]),
+        NodeKey::from_seed(&[4; 32]),
+    );
+    let expiring = |k: &NodeKey| seal_server_cert(root.pair(), &cert(k.public(), 5_000));
+    let mut state = State::new(root.public());
+    let op = |origin: PublicKey, wall_ms, body| Op {
+        origin,
+        seq: 1,
+        hlc: Hlc {
+            wall_ms,
+            logical: 0,
+        },
+        author: origin,
+        body,
+    };
+    let admit = OpBody::Trust(TrustOp::AdmitServer { cert: expiring(&a) });
+    state.apply(&op(a.public(), 1_000, admit)).expect("admit a");
+    let revoke = OpBody::Trust(TrustOp::RevokeServer {
+        revocation: seal_revocation(
+            root.pair(),
+            &Revocation {
+                server: c.public(),
+                issued_at_ms: 1,
+                reason: String::new(),
+            },
+        ),
+    });
+    state
+        .apply(&op(a.public(), 1_001, revoke))
+        .expect("revoke c");
+    // Admitted: its certificate may have expired since; a certificate for another key may not.
+    assert_eq!(
+        check_peer(&state, &a.public(), &expiring(&a), 9_000),
+        Ok(())
+    );
+    assert_eq!(check_peer(&state, &a.public(), &[], 9_000), Ok(()));
+    assert!(check_peer(&state, &a.public(), &expiring(&b), 1).is_err());
+    // Not yet admitted: a valid, unexpired certificate for that key.
+    assert_eq!(
+        check_peer(&state, &b.public(), &expiring(&b), 4_999),
+        Ok(())
+    );
+    assert!(matches!(
+        check_peer(&state, &b.public(), &expiring(&b), 5_000),
+        Err(TrustError::Expired { .. })
+    ));
+    assert!(check_peer(&state, &b.public(), &[], 1).is_err());
+    // Revoked: never. The root: always.
+    assert_eq!(
+        check_peer(&state, &c.public(), &expiring(&c), 1),
+        Err(TrustError::Revoked(c.public()))
+    );
+    assert_eq!(check_peer(&state, &root.public(), &[], 1), Ok(()));
+}
