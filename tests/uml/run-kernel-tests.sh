@@ -5,12 +5,13 @@
 #   netlink/tests/kernel_*.rs   the kernel backend's own tests
 #   netlink/tests/netns_kernel.rs  the backend-generic namespace scenario, kernel backend
 #   tests/e2e_three_clients.rs  the product's scenario (serve + three agents), kernel backend
+#   tests/e2e_cluster.rs        three servers: convergence, backbone, cross-server clients
 #
 # The test binaries are built on the host (cargo test --no-run) and run unchanged in the guest,
 # which sees the host's files through hostfs. One guest boot runs them all. Exits non-zero if any
 # test fails, if the guest fails, or if no test ran at all.
 #
-# Env: UML_TIMEOUT (seconds for the whole guest, default 900), UML_MEM (default 1G),
+# Env: UML_TIMEOUT (seconds for the whole guest, default 1800), UML_MEM (default 1G),
 #      KERNEL_TESTS_FILTER (passed to every test binary as its name filter).
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -35,8 +36,29 @@ if [ -z "$ROOT_BIN" ]; then
     echo "run-kernel-tests: tests/e2e_three_clients.rs did not build" >&2
     exit 1
 fi
+# The cluster's convergence scenario (tests/e2e_cluster.rs: three servers, their backbone, clients
+# of different servers) and the backbone's own test, on kernel WireGuard. The guest runs every
+# binary with the same arguments, so a wrapper picks these two tests (the partition, kill and
+# revocation scenarios stay on the host: they prove gossip, not the kernel dataplane).
+CLUSTER_BIN=$(cargo test -j2 --test e2e_cluster --no-run --message-format=json 2>/dev/null \
+    | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' \
+    | grep '/e2e_cluster-' | head -1 || true)
+if [ -z "$CLUSTER_BIN" ]; then
+    echo "run-kernel-tests: tests/e2e_cluster.rs did not build" >&2
+    exit 1
+fi
+CLUSTER_WRAPPER="$REPO/target/uml-e2e-cluster.sh"
+cat > "$CLUSTER_WRAPPER" <<EOF
+#!/usr/bin/env bash
+# Written by tests/uml/run-kernel-tests.sh: the kernel-WireGuard part of tests/e2e_cluster.rs.
+# A filter given to the run (KERNEL_TESTS_FILTER) replaces the default selection.
+if [ \$# -gt 1 ]; then shift; exec "$CLUSTER_BIN" --test-threads=1 "\$@"; fi
+exec "$CLUSTER_BIN" --test-threads=1 --exact backbone_full_mesh_and_revocation cluster_converges_and_clients_of_different_servers_talk
+EOF
+chmod +x "$CLUSTER_WRAPPER"
 BINS="$BINS
-$ROOT_BIN"
+$ROOT_BIN
+$CLUSTER_WRAPPER"
 export LN_E2E_DATAPLANE=kernel
 echo "$BINS" | sed 's|^|   |'
 
@@ -48,7 +70,7 @@ trap 'rm -f "$LOG"' EXIT
 echo "== booting User-Mode Linux"
 set +e
 # shellcheck disable=SC2086 # BINS is one path per line, none with spaces
-UML_TIMEOUT=${UML_TIMEOUT:-900} UML_MEM=${UML_MEM:-1G} \
+UML_TIMEOUT=${UML_TIMEOUT:-1800} UML_MEM=${UML_MEM:-1G} \
     bash "$HERE/run-in-uml.sh" --module bridge -- bash "$HERE/guest-run-tests.sh" $BINS 2>&1 | tee "$LOG"
 RC=${PIPESTATUS[0]}
 set -e
