@@ -181,6 +181,14 @@ impl Backend {
             Backend::Userspace(b) => b.reconcile(ifname, desired).await?,
         })
     }
+
+    /// A dump of the device (peers with endpoints, handshakes, counters).
+    pub async fn get(&self, ifname: &str) -> Result<lemonade_nexus_netlink::DeviceState> {
+        Ok(match self {
+            Backend::Kernel(b) => b.get(ifname).await?,
+            Backend::Userspace(b) => b.get(ifname).await?,
+        })
+    }
 }
 
 /// The gateway addresses of the client plane (slot 1: the address every server answers on),
@@ -448,15 +456,18 @@ struct Plane {
 }
 
 impl Plane {
-    async fn reconcile(&self, state: &ApiState) -> Result<()> {
-        let desired = {
+    /// Brings the device to the store's state; returns the state version it read (see
+    /// [`PeerSync`]).
+    async fn reconcile(&self, state: &ApiState) -> Result<u64> {
+        let (desired, version) = {
             let store = state.store.lock().unwrap_or_else(|p| p.into_inner());
-            client_plane_device(
+            let device = client_plane_device(
                 store.state(),
                 self.private_key.clone(),
                 self.own_public,
                 self.port,
-            )
+            );
+            (device, state.version())
         };
         let diff = self.backend.reconcile(&self.ifname, &desired).await?;
         if !diff.is_empty() {
@@ -466,7 +477,7 @@ impl Plane {
         if !changes.is_empty() {
             tracing::info!(ifname = %self.ifname, ?changes, "client-plane link reconciled");
         }
-        Ok(())
+        Ok(version)
     }
 }
 
@@ -519,17 +530,38 @@ async fn start_plane(
 
 /// Keeps the device equal to the store: on request (joins) and every [`DRIFT_CHECK`].
 async fn reconcile_loop(plane: Plane, state: Arc<ApiState>, mut worker: PeerSyncWorker) {
+    let every = api::observed::OBSERVE_EVERY;
+    let mut observe = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    observe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let generation = *worker.requested.borrow_and_update();
-        if let Err(e) = plane.reconcile(&state).await {
-            tracing::error!(error = %format!("{e:#}"), "client-plane reconcile failed; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            continue;
-        }
-        worker.applied.send_replace(generation);
-        tokio::select! {
-            r = worker.requested.changed() => if r.is_err() { return },
-            _ = tokio::time::sleep(DRIFT_CHECK) => {}
+        let applied = match plane.reconcile(&state).await {
+            Ok(version) => version,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "client-plane reconcile failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        worker.applied.send_replace(applied);
+        // Next: as soon as someone waits for a newer state (see `PeerSync`), or against drift;
+        // meanwhile the device is observed (endpoints, handshakes: `api::observed`).
+        let drift = tokio::time::Instant::now() + DRIFT_CHECK;
+        loop {
+            tokio::select! {
+                r = worker.requested.wait_for(|v| *v > applied) => if r.is_err() { return } else { break },
+                _ = tokio::time::sleep_until(drift) => break,
+                _ = observe.tick() => {
+                    let recorded = match plane.backend.get(&plane.ifname).await {
+                        Ok(dump) => api::observed::record(&state, &dump, now_ms()),
+                        Err(e) => Err(format!("{e:#}")),
+                    };
+                    match recorded {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(devices = n, "recorded server-observed endpoints"),
+                        Err(e) => tracing::warn!(error = %e, "client-plane observation failed"),
+                    }
+                }
+            }
         }
     }
 }

@@ -44,6 +44,10 @@ pub struct PeerView {
     pub endpoint: Option<String>,
     /// Seconds since the last handshake; `None`: never.
     pub handshake_age_secs: Option<u64>,
+    /// Unix seconds of the last handshake (last seen); `None`: never.
+    pub last_handshake_unix: Option<u64>,
+    /// A handshake less than 180 s ago (`crate::api::observed::ONLINE_WITHIN_MS`).
+    pub online: bool,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
 }
@@ -138,6 +142,12 @@ pub fn peer_views(
             allowed_ips: p.config.allowed_ips.iter().map(IpNet::to_string).collect(),
             endpoint: p.config.endpoint.map(|e| e.to_string()),
             handshake_age_secs: handshake_age(p.last_handshake, now),
+            last_handshake_unix: p
+                .last_handshake
+                .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+            online: handshake_age(p.last_handshake, now)
+                .is_some_and(|a| a < crate::api::observed::ONLINE_WITHIN_MS / 1_000),
             rx_bytes: p.rx_bytes,
             tx_bytes: p.tx_bytes,
         })
@@ -219,11 +229,12 @@ pub fn render_client(s: &ClientStatus) -> String {
     o.push_str(&format!("group peers:       {}\n", s.group_peers.len()));
     for p in &s.group_peers {
         o.push_str(&format!(
-            "  {}  {}  endpoint {}  handshake {}\n",
+            "  {}  {}  endpoint {}  handshake {}  {}\n",
             p.public_key,
             p.allowed_ips.join(" "),
             p.endpoint.as_deref().unwrap_or("-"),
-            format_age(p.handshake_age_secs)
+            format_age(p.handshake_age_secs),
+            if p.online { "online" } else { "offline" }
         ));
     }
     if let Some(e) = &s.device_error {
@@ -253,7 +264,7 @@ pub fn render_server(s: &ServerStatus) -> String {
     if s.peers.is_empty() {
         return o;
     }
-    let rows: Vec<[String; 6]> = s
+    let rows: Vec<[String; 7]> = s
         .peers
         .iter()
         .map(|p| {
@@ -261,13 +272,23 @@ pub fn render_server(s: &ServerStatus) -> String {
                 p.name.clone().unwrap_or_else(|| short_key(&p.public_key)),
                 p.allowed_ips.join(" "),
                 p.endpoint.clone().unwrap_or_else(|| "-".into()),
+                if p.online { "online" } else { "offline" }.into(),
                 format_age(p.handshake_age_secs),
                 format_bytes(p.rx_bytes),
                 format_bytes(p.tx_bytes),
             ]
         })
         .collect();
-    let head = ["PEER", "TUNNEL", "ENDPOINT", "HANDSHAKE", "RX", "TX"].map(String::from);
+    let head = [
+        "PEER",
+        "TUNNEL",
+        "ENDPOINT",
+        "STATE",
+        "HANDSHAKE",
+        "RX",
+        "TX",
+    ]
+    .map(String::from);
     let mut widths = head.clone().map(|h| h.len());
     for r in &rows {
         for (w, c) in widths.iter_mut().zip(r) {
@@ -690,12 +711,21 @@ mod tests {
         assert!(row.contains("192.0.2.7:40000"), "{row}");
         assert!(row.contains("1m 15s ago"), "{row}");
         assert!(row.contains("1.5 KiB"), "{row}");
-        assert!(text.contains("never"), "{text}");
+        assert!(row.contains("online"), "a handshake 75 s ago is online: {row}");
+        let never = text.lines().find(|l| l.contains("never")).expect(&text);
+        assert!(never.contains("offline"), "{never}");
         assert!(text.contains("ln-client (userspace)"), "{text}");
         assert!(text.contains("fell back:  no kernel WireGuard"), "{text}");
         let json = serde_json::to_value(&s).expect("json");
         assert_eq!(json["peers"][1]["name"], "laptop");
         assert_eq!(json["peers"][1]["handshake_age_secs"], 75);
+        assert_eq!(json["peers"][1]["online"], true);
+        assert_eq!(json["peers"][1]["last_handshake_unix"], 1_000_000 - 75);
+        assert_eq!(json["peers"][0]["online"], false);
+        // 180 s and more: offline.
+        let later = now + Duration::from_secs(180 - 75);
+        let peers = peer_views(&dev(now), &names, later);
+        assert!(peers.iter().all(|p| !p.online));
     }
 
     fn answer() -> JoinResponse {

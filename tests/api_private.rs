@@ -1175,12 +1175,10 @@ async fn mesh_status_answers_every_role_as_its_permissions_say() {
                             .expect("v6")
                             .starts_with("fd6c:6e00")
                     );
-                    assert!(
-                        v["liveness"]
-                            .as_str()
-                            .expect("liveness")
-                            .contains("not recorded")
-                    );
+                    assert!(v["liveness"].as_str().expect("liveness").contains("180 s"));
+                    // No dataplane here: nothing observed, so no liveness either way.
+                    assert_eq!(d["online"], Value::Null, "{v}");
+                    assert_eq!(v["observed_at_ms"], Value::Null, "{v}");
                 }
                 (Admin, _) => assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "no_device")),
                 (Other, "own group") => {
@@ -1608,4 +1606,150 @@ async fn refused_client_ops_are_answered_without_growing_the_log() {
     let (s, v) = submit(note, 3).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     assert_eq!(ops_in_log(), before + 2);
+}
+
+/// What the server's own WireGuard device shows (a dump, as the dataplane loop takes every 5 s)
+/// becomes liveness in `GET /api/mesh/status` (online: a handshake < 180 s ago; last seen) and,
+/// for the endpoint, a recorded op that `GET /api/mesh/peers` hands to the device's peers in
+/// preference to the endpoint the device reported (behind NAT, its private address).
+#[actix_web::test]
+async fn the_server_observed_handshakes_and_endpoints_reach_mesh_status_and_peers() {
+    use lemonade_nexus::api::observed;
+    use lemonade_nexus_netlink::{DeviceState, Key, PeerConfig, PeerState};
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = api_state(dir.path(), Registration::Open);
+    let (public, private) = apps!(state);
+    let a = joined(&public, 2, None).await;
+    // B joins A's group with a link token A made.
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/link-tokens",
+        Some(&a.token),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let link = v["link_token"].as_str().expect("token").to_owned();
+    let b = joined(&public, 6, Some(&link)).await;
+    assert_eq!(b.group_id, a.group_id);
+    // B reports its private (inside-the-NAT) address.
+    let (s, v) = call(
+        &private,
+        Method::POST,
+        "/api/heartbeat",
+        Some(&b.token),
+        Some(json!({ "endpoint": "10.1.0.2:51820" })),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let peers_of_a = || async {
+        let (s, v) = call(
+            &private,
+            Method::GET,
+            "/api/mesh/peers",
+            Some(&a.token),
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["peers"][0].clone()
+    };
+    let p = peers_of_a().await;
+    assert_eq!(
+        (p["endpoint"].clone(), p["endpoint_source"].clone()),
+        (json!("10.1.0.2:51820"), json!("reported"))
+    );
+
+    // The server's device: B shook hands 20 s ago from its NAT's public mapping; A 10 min ago.
+    let now_ms = now();
+    let at = |ms: u64| std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    let peer = |seed: u8, endpoint: &str, handshake_ms: u64| {
+        let mut config = PeerConfig::new(Key([seed; 32]));
+        config.endpoint = Some(endpoint.parse().expect("addr"));
+        PeerState {
+            config,
+            last_handshake: Some(at(handshake_ms)),
+            rx_bytes: 1,
+            tx_bytes: 1,
+        }
+    };
+    let dump = DeviceState {
+        peers: vec![
+            peer(6, "203.0.113.9:40123", now_ms - 20_000),
+            peer(2, "198.51.100.4:51820", now_ms - 600_000),
+        ],
+        ..DeviceState::default()
+    };
+    let ops_before = state
+        .store
+        .lock()
+        .expect("store")
+        .op_count()
+        .expect("count");
+    assert_eq!(
+        observed::record(&state, &dump, now_ms),
+        Ok(1),
+        "only B is online"
+    );
+    assert_eq!(
+        state
+            .store
+            .lock()
+            .expect("store")
+            .op_count()
+            .expect("count"),
+        ops_before + 1
+    );
+    // The same dump again: nothing changed, nothing appended.
+    assert_eq!(observed::record(&state, &dump, now_ms + 5_000), Ok(0));
+
+    let p = peers_of_a().await;
+    assert_eq!(
+        (p["endpoint"].clone(), p["endpoint_source"].clone()),
+        (json!("203.0.113.9:40123"), json!("observed")),
+        "A is given B's NAT mapping, not its private address: {p}"
+    );
+    let (s, v) = call(
+        &private,
+        Method::GET,
+        "/api/mesh/status",
+        Some(&a.token),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["observed_at_ms"].as_u64().is_some(), "{v}");
+    let devices = v["devices"].as_array().expect("devices");
+    let find = |node: &str| {
+        devices
+            .iter()
+            .find(|d| d["node_id"] == json!(node))
+            .unwrap_or_else(|| panic!("{node} in {v}"))
+    };
+    let (da, db) = (find(&a.node_id), find(&b.node_id));
+    assert_eq!(db["online"], json!(true), "{db}");
+    assert_eq!(db["last_handshake_ms"], json!(now_ms - 20_000));
+    assert_eq!(db["observed_endpoint"], json!("203.0.113.9:40123"));
+    assert_eq!(
+        db["endpoint"],
+        json!("10.1.0.2:51820"),
+        "the reported one stays"
+    );
+    assert_eq!(
+        da["online"],
+        json!(false),
+        "10 min without a handshake: {da}"
+    );
+    assert!(da["last_handshake_age_s"].as_u64().expect("age") >= 600);
+    // Not a client's to set: the observed endpoint's metadata key is reserved.
+    let (s, v) = call(
+        &private,
+        Method::PATCH,
+        &format!("/api/tree/{}", b.node_id),
+        Some(&b.token),
+        Some(json!({ "metadata": { "ln:observed-endpoint": "192.0.2.66:1" } })),
+    )
+    .await;
+    assert!(s.is_client_error(), "{s}: {v}");
 }

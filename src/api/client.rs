@@ -2,7 +2,9 @@
 //! certificate of the join URL ([`crate::tls::PinVerifier`]), and the join conversation
 //! (challenge, proof, join). Used by the join agent and by the tests.
 //!
-//! One request per connection (`Connection: close`), bodies bounded to [`MAX_RESPONSE_BYTES`].
+//! [`PinnedClient::request`] sends one request per connection (`Connection: close`);
+//! [`PinnedClient::connect`] opens a kept-alive [`Connection`] for several requests over one TLS
+//! handshake. Bodies are bounded to [`MAX_RESPONSE_BYTES`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +16,7 @@ use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
 
 use super::auth::{AuthRequest, AuthResponse, ChallengeResponse, make_proof};
 use super::join::JoinResponse;
@@ -78,27 +81,31 @@ impl PinnedClient {
             .with_context(|| format!("{method} {path}: no answer within {REQUEST_TIMEOUT:?}"))?
     }
 
-    async fn request_inner(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&[u8]>,
-    ) -> Result<Response> {
+    /// A TCP connection and TLS handshake (the pin checked).
+    async fn handshake(&self) -> Result<TlsStream<TcpStream>> {
         let (host, port) = (&self.url.host, self.url.port);
         let tcp = TcpStream::connect((host.as_str(), port))
             .await
             .with_context(|| format!("cannot connect to {host}:{port}"))?;
+        // Requests are small and answered at once: do not hold them back (Nagle).
+        tcp.set_nodelay(true)?;
         let name = ServerName::try_from(host.clone()).context("server host is not a valid name")?;
-        let mut tls = self.connector.connect(name, tcp).await.with_context(|| {
+        self.connector.connect(name, tcp).await.with_context(|| {
             format!("TLS handshake with {host}:{port} failed (certificate pin checked)")
-        })?;
+        })
+    }
+
+    /// The request head and body bytes.
+    fn request_bytes(&self, method: &str, path: &str, body: Option<&[u8]>, close: bool) -> Vec<u8> {
+        let (host, port) = (&self.url.host, self.url.port);
         let authority = if host.contains(':') {
             format!("[{host}]:{port}")
         } else {
             format!("{host}:{port}")
         };
+        let connection = if close { "close" } else { "keep-alive" };
         let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nAccept: application/json\r\n"
+            "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: {connection}\r\nAccept: application/json\r\n"
         );
         if let Some(t) = &self.bearer {
             req.push_str(&format!("Authorization: Bearer {t}\r\n"));
@@ -110,10 +117,32 @@ impl PinnedClient {
             ));
         }
         req.push_str("\r\n");
-        tls.write_all(req.as_bytes()).await?;
-        if let Some(b) = body {
-            tls.write_all(b).await?;
-        }
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body.unwrap_or_default());
+        bytes
+    }
+
+    /// Opens a kept-alive connection (one TLS handshake for many requests).
+    pub async fn connect(&self) -> Result<Connection> {
+        let tls = tokio::time::timeout(REQUEST_TIMEOUT, self.handshake())
+            .await
+            .with_context(|| format!("no TLS handshake within {REQUEST_TIMEOUT:?}"))??;
+        Ok(Connection {
+            client: self.clone(),
+            tls,
+            buf: Vec::new(),
+        })
+    }
+
+    async fn request_inner(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Response> {
+        let mut tls = self.handshake().await?;
+        tls.write_all(&self.request_bytes(method, path, body, true))
+            .await?;
         tls.flush().await?;
         let mut raw = Vec::new();
         let mut limited = (&mut tls).take(MAX_RESPONSE_BYTES as u64 + 1);
@@ -147,16 +176,7 @@ impl PinnedClient {
             )
             .await?
             .json()?;
-        let server = c
-            .server_key
-            .parse()
-            .context("server_key in the challenge answer")?;
-        let challenge = c.challenge()?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        Ok(make_proof(key.pair(), &challenge, server, now))
+        answer_challenge(key, &c)
     }
 
     /// Authenticates and returns a token.
@@ -193,6 +213,183 @@ impl PinnedClient {
     }
 }
 
+/// One kept-alive HTTPS connection to the server ([`PinnedClient::connect`]): requests are sent
+/// one after the other, each answer read by its `Content-Length` (or chunked encoding). A device
+/// joins over one (challenge, then join); a load generator keeps one per simulated client.
+pub struct Connection {
+    client: PinnedClient,
+    tls: TlsStream<TcpStream>,
+    /// Bytes read past the previous answer.
+    buf: Vec<u8>,
+}
+
+impl Connection {
+    /// Sends one request and reads its answer; `body` is sent as JSON when present. After an
+    /// error the connection is unusable (drop it and connect again).
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+    ) -> Result<Response> {
+        let req = self.client.request_bytes(method, path, body, false);
+        tokio::time::timeout(REQUEST_TIMEOUT, async {
+            self.tls.write_all(&req).await?;
+            self.tls.flush().await?;
+            loop {
+                if let Some((r, used)) = parse_framed(&self.buf)? {
+                    self.buf.drain(..used);
+                    return Ok(r);
+                }
+                if self.buf.len() > MAX_RESPONSE_BYTES {
+                    bail!("answer larger than {MAX_RESPONSE_BYTES} bytes");
+                }
+                let mut chunk = [0u8; 16 * 1024];
+                let n = self
+                    .tls
+                    .read(&mut chunk)
+                    .await
+                    .context("reading the answer")?;
+                if n == 0 {
+                    bail!("the server closed the connection before a complete answer");
+                }
+                self.buf.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await
+        .with_context(|| format!("{method} {path}: no answer within {REQUEST_TIMEOUT:?}"))?
+    }
+
+    pub async fn get(&mut self, path: &str) -> Result<Response> {
+        self.request("GET", path, None).await
+    }
+
+    pub async fn post<T: Serialize>(&mut self, path: &str, body: &T) -> Result<Response> {
+        let b = serde_json::to_vec(body)?;
+        self.request("POST", path, Some(&b)).await
+    }
+
+    /// [`PinnedClient::proof`] over this connection.
+    pub async fn proof(&mut self, key: &NodeKey) -> Result<String> {
+        let c: ChallengeResponse = self
+            .post(
+                "/api/auth/challenge",
+                &serde_json::json!({ "pubkey": key.public().to_string() }),
+            )
+            .await?
+            .json()?;
+        answer_challenge(key, &c)
+    }
+}
+
+/// The proof of possession answering challenge `c` with `key`.
+fn answer_challenge(key: &NodeKey, c: &ChallengeResponse) -> Result<String> {
+    let server = c
+        .server_key
+        .parse()
+        .context("server_key in the challenge answer")?;
+    let challenge = c.challenge()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    Ok(make_proof(key.pair(), &challenge, server, now))
+}
+
+/// One complete answer at the start of `raw`, framed by `Content-Length` or chunked encoding,
+/// and how many bytes it used; `None` while incomplete. An answer framed by the end of the
+/// connection cannot be read on a kept-alive connection: an error.
+fn parse_framed(raw: &[u8]) -> Result<Option<(Response, usize)>> {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return Ok(None);
+    };
+    let head = std::str::from_utf8(&raw[..split]).context("answer header is not UTF-8")?;
+    let (status, framing) = parse_head(head)?;
+    let body = &raw[split + 4..];
+    match framing {
+        Framing::Length(n) => Ok(body.get(..n).map(|b| {
+            (
+                Response {
+                    status,
+                    body: b.to_vec(),
+                },
+                split + 4 + n,
+            )
+        })),
+        Framing::Chunked => match chunked_end(body)? {
+            Some(end) => Ok(Some((
+                Response {
+                    status,
+                    body: dechunk(&body[..end])?,
+                },
+                split + 4 + end,
+            ))),
+            None => Ok(None),
+        },
+        Framing::UntilClose => bail!("answer without Content-Length on a kept-alive connection"),
+    }
+}
+
+/// Where a chunked body ends (after its last chunk and trailer), or `None` while incomplete.
+fn chunked_end(b: &[u8]) -> Result<Option<usize>> {
+    let mut at = 0;
+    loop {
+        let Some(eol) = b[at..].windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let size_txt = std::str::from_utf8(&b[at..at + eol]).context("bad chunk size")?;
+        let size = usize::from_str_radix(size_txt.split(';').next().unwrap_or("").trim(), 16)
+            .context("bad chunk size")?;
+        if size > MAX_RESPONSE_BYTES {
+            bail!("chunk larger than {MAX_RESPONSE_BYTES} bytes");
+        }
+        at += eol + 2;
+        if size == 0 {
+            // No trailers are sent to us; the body ends with an empty line.
+            return Ok((b.len() >= at + 2).then_some(at + 2));
+        }
+        if b.len() < at + size + 2 {
+            return Ok(None);
+        }
+        at += size + 2;
+    }
+}
+
+/// How an answer's body is delimited.
+enum Framing {
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+/// The status and body framing of an answer's head.
+fn parse_head(head: &str) -> Result<(u16, Framing)> {
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("bad status line {status_line:?}"))?;
+    let mut framing = Framing::UntilClose;
+    for line in lines {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+        if k == "content-length" {
+            let n = v.parse::<usize>().context("bad Content-Length")?;
+            if n > MAX_RESPONSE_BYTES {
+                bail!("answer larger than {MAX_RESPONSE_BYTES} bytes");
+            }
+            framing = Framing::Length(n);
+        } else if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
+            framing = Framing::Chunked;
+        }
+    }
+    Ok((status, framing))
+}
+
 /// Parses an HTTP/1.1 answer with a `Content-Length` body or a body up to the end of the
 /// connection. Chunked bodies are decoded.
 fn parse_response(raw: &[u8]) -> Result<Response> {
@@ -202,34 +399,14 @@ fn parse_response(raw: &[u8]) -> Result<Response> {
         .context("answer has no complete header")?;
     let head = std::str::from_utf8(&raw[..split]).context("answer header is not UTF-8")?;
     let body = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("bad status line {status_line:?}"))?;
-    let mut length = None;
-    let mut chunked = false;
-    for line in lines {
-        let Some((k, v)) = line.split_once(':') else {
-            continue;
-        };
-        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-        if k == "content-length" {
-            length = v.parse::<usize>().ok();
-        } else if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
-            chunked = true;
-        }
-    }
-    let body = if chunked {
-        dechunk(body)?
-    } else if let Some(n) = length {
-        body.get(..n)
+    let (status, framing) = parse_head(head)?;
+    let body = match framing {
+        Framing::Chunked => dechunk(body)?,
+        Framing::Length(n) => body
+            .get(..n)
             .context("answer body shorter than its Content-Length")?
-            .to_vec()
-    } else {
-        body.to_vec()
+            .to_vec(),
+        Framing::UntilClose => body.to_vec(),
     };
     Ok(Response { status, body })
 }
@@ -312,6 +489,7 @@ mod tests {
             hostname: "h".into(),
             wg_pubkey: Key([7; 32]).to_string(),
             endpoint: endpoint.map(str::to_owned),
+            endpoint_source: endpoint.map(|_| "observed".to_owned()),
             allowed_ips: vec!["10.64.3.18/32".into(), "fd6c:6e00::312/128".into()],
         };
         let answer = PeersResponse {
@@ -332,6 +510,29 @@ mod tests {
             peers: vec![peer(Some("not an endpoint"))],
         };
         assert!(mesh_peers(&bad).is_err());
+    }
+
+    #[test]
+    fn kept_alive_answers_are_framed_one_by_one() {
+        let two = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}HTTP/1.1 409 C\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        let (r, used) = parse_framed(two).expect("ok").expect("complete");
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"{}"[..]));
+        let (r, rest) = parse_framed(&two[used..]).expect("ok").expect("complete");
+        assert_eq!((r.status, r.body.as_slice()), (409, &b"abc"[..]));
+        assert_eq!(used + rest, two.len());
+        // Every strict prefix is incomplete, never an error nor a wrong answer.
+        for n in 0..used {
+            assert!(parse_framed(&two[..n]).expect("prefix").is_none(), "{n}");
+        }
+        for n in used..two.len() {
+            assert!(
+                parse_framed(&two[used..n]).expect("prefix").is_none(),
+                "{n}"
+            );
+        }
+        // No framing on a kept-alive connection, or a huge length: refused.
+        assert!(parse_framed(b"HTTP/1.1 200 OK\r\n\r\nbody").is_err());
+        assert!(parse_framed(b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999\r\n\r\n").is_err());
     }
 
     #[test]

@@ -408,6 +408,14 @@ pub(super) struct Joined {
     address: crate::ipam::TunnelAddress,
     gateway: crate::ipam::TunnelAddress,
     config: crate::ipam::IpamConfig,
+    /// The state version that includes this join (what the peer sync waits for).
+    version: u64,
+}
+
+/// The join committer's copy of the state and the store heads it matches (see [`commit_joins`]).
+pub(super) struct Replica {
+    state: State,
+    heads: std::collections::BTreeMap<PublicKey, u64>,
 }
 
 /// Most joins committed in one write transaction (one fsync).
@@ -440,6 +448,7 @@ fn committer(state: &std::sync::Arc<ApiState>) -> &std::sync::mpsc::Sender<Pendi
 /// Group commit: takes every join waiting (up to [`MAX_JOIN_BATCH`]), commits them in one
 /// transaction, then answers each. Nothing is answered before its commit is durable.
 fn run_committer(state: std::sync::Weak<ApiState>, rx: std::sync::mpsc::Receiver<PendingJoin>) {
+    let mut replica = None;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_JOIN_BATCH {
@@ -455,7 +464,7 @@ fn run_committer(state: std::sync::Weak<ApiState>, rx: std::sync::mpsc::Receiver
             .iter()
             .map(|p| (&p.req, p.setup_key.as_deref()))
             .collect();
-        let results = commit_joins(&state, &items);
+        let results = commit_joins(&state, &items, &mut replica);
         // Let go of the state before answering: whoever holds the last reference once answered
         // (a test reopening the store) must not find it still in use.
         drop(items);
@@ -498,9 +507,16 @@ fn plan_one(
 /// plans each join against the state as the earlier joins of the batch leave it (so two joins
 /// get two addresses, and a refused join changes nothing for the others), appends every planned
 /// op in ONE write transaction, and reads back each result. One result per item, in order.
+///
+/// `replica` is the committer's own copy of the state, kept from one batch to the next: cloning
+/// the whole state for every batch would cost more than the batch itself once thousands of
+/// devices are enrolled. It is used only while the store's heads are exactly the ones it was
+/// taken at (no other op appended since: the same ops fold to the same state), and dropped
+/// whenever an op of the batch did not take effect in the store exactly as planned.
 pub(super) fn commit_joins(
     state: &ApiState,
     items: &[(&JoinRequest, Option<&str>)],
+    replica: &mut Option<Replica>,
 ) -> Vec<Result<Joined, ApiError>> {
     let server = state.server.public();
     let mut store = state.lock_store();
@@ -508,12 +524,15 @@ pub(super) fn commit_joins(
     // Mirror what `append_local_batch` will assign: consecutive seqs and HLC ticks.
     let mut next_seq = store.heads().get(&server).copied().unwrap_or(0) + 1;
     let mut clock = store.clock();
-    // The state with the batch's accepted ops folded in (cloned only once something is accepted).
-    let mut scratch: Option<State> = None;
+    // The state with the batch's accepted ops folded in.
+    let mut scratch = match replica.take() {
+        Some(r) if &r.heads == store.heads() => r.state,
+        _ => store.state().clone(),
+    };
     let mut accepted: Vec<Op> = Vec::new();
     let mut plans: Vec<Result<JoinPlan, ApiError>> = Vec::with_capacity(items.len());
     for (req, setup_key) in items {
-        let view = scratch.as_ref().unwrap_or(store.state());
+        let view = &scratch;
         let plan = plan_one(
             state,
             view,
@@ -531,7 +550,7 @@ pub(super) fn commit_joins(
                 continue;
             }
         };
-        let s = scratch.get_or_insert_with(|| store.state().clone());
+        let s = &mut scratch;
         let mut c = clock;
         let ops: Vec<Op> = plan
             .ops
@@ -569,7 +588,6 @@ pub(super) fn commit_joins(
             }
         }
     }
-    drop(scratch);
 
     // One transaction, one fsync, for every accepted join.
     let bodies: Vec<_> = plans
@@ -588,6 +606,20 @@ pub(super) fn commit_joins(
         }
         state.state_changed();
     }
+    // The store folded exactly the ops the scratch state did: keep it for the next batch.
+    let as_planned = results
+        .iter()
+        .all(|r| matches!(r, Ok(Submitted::Appended { effect: Ok(()), .. })));
+    if as_planned {
+        // Its row changes are the store's business, not ours.
+        scratch.take_changes();
+        *replica = Some(Replica {
+            state: scratch,
+            heads: store.heads().clone(),
+        });
+    }
+    // Read under the store lock: exactly the state that holds this batch.
+    let version = state.version();
     let mut results = results.into_iter();
     plans
         .into_iter()
@@ -628,6 +660,7 @@ pub(super) fn commit_joins(
                 address,
                 gateway: config.address_of(1),
                 config,
+                version,
             })
         })
         .collect()
@@ -680,7 +713,7 @@ pub async fn post_join(
         .await
         .map_err(|_| ApiError::internal("the join committer has stopped"))??;
     let peer_programmed = match &state.peers {
-        Some(p) => p.sync(PEER_SYNC_TIMEOUT).await,
+        Some(p) => p.sync(joined.version, PEER_SYNC_TIMEOUT).await,
         None => false,
     };
     let (token, token_expires_at_ms) = super::auth::token_for(&state, client, Some(joined.node))?;
@@ -786,7 +819,7 @@ mod http_tests {
         thief.wg_pubkey = devices[0].wg_pubkey;
         let mut items: Vec<_> = devices.iter().map(|d| (d, None)).collect();
         items.insert(32, (&thief, None));
-        let mut results = commit_joins(&st, &items);
+        let mut results = commit_joins(&st, &items, &mut None);
         let refused = results.remove(32);
         assert_eq!(refused.err().map(|e| e.code), Some("wg_key_in_use"));
         let joined: Vec<Joined> = results
@@ -809,6 +842,70 @@ mod http_tests {
             );
         }
         assert_eq!(find_device(store.state().tree(), &thief.client), None);
+    }
+
+    #[test]
+    fn the_committers_replica_stays_equal_to_the_store_state_across_batches() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let st = api_state(&dir.path().join("state.redb"));
+        let mut replica = None;
+        let mut addresses = std::collections::BTreeSet::new();
+        for batch in 0..3u8 {
+            let devices: Vec<_> = (0..20).map(|i| device(10 + batch * 20 + i)).collect();
+            let items: Vec<_> = devices.iter().map(|d| (d, None)).collect();
+            for r in commit_joins(&st, &items, &mut replica) {
+                assert!(addresses.insert(r.expect("joined").address.v4));
+            }
+            let kept = replica
+                .as_ref()
+                .expect("kept after a batch that went as planned");
+            let store = st.lock_store();
+            assert!(
+                kept.state == *store.state(),
+                "batch {batch}: replica differs"
+            );
+            assert_eq!(&kept.heads, store.heads());
+        }
+        // Someone else appends (a heartbeat, a replicated op): the replica is not used as is.
+        {
+            let mut store = st.lock_store();
+            let op = OpBody::Tree(crate::tree::TreeOp::Update {
+                node: NodeId::ROOT,
+                field: NodeField::Metadata {
+                    key: "note".into(),
+                    value: Some("x".into()),
+                },
+            });
+            let server = st.server.public();
+            store
+                .append_local(&st.server, server, op, None, st.clock.now_ms())
+                .expect("append");
+        }
+        let late = device(200);
+        let r = commit_joins(&st, &[(&late, None)], &mut replica);
+        assert!(addresses.insert(r[0].as_ref().expect("joined").address.v4));
+        let store = st.lock_store();
+        assert!(replica.as_ref().expect("replica").state == *store.state());
+    }
+
+    #[tokio::test]
+    async fn a_peer_sync_waits_for_a_reconcile_of_its_own_version_only() {
+        let (sync, mut worker) = crate::api::PeerSync::new();
+        worker.applied.send_replace(5);
+        // Already covered: no request, no wait.
+        assert!(sync.sync(5, Duration::from_millis(10)).await);
+        assert_eq!(*worker.requested.borrow_and_update(), 0);
+        // Newer: it asks for version 7 and waits until a reconcile says so.
+        let reconciler = async {
+            worker.requested.wait_for(|v| *v >= 7).await.expect("asked");
+            worker.applied.send_replace(6);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            worker.applied.send_replace(7);
+        };
+        let (ok, ()) = tokio::join!(sync.sync(7, Duration::from_secs(5)), reconciler);
+        assert!(ok);
+        // Nobody applies 8: it times out (and says so).
+        assert!(!sync.sync(8, Duration::from_millis(20)).await);
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub mod auth;
 pub mod client;
 pub mod health;
 pub mod join;
+pub mod observed;
 pub mod private;
 pub mod ratelimit;
 pub mod servers;
@@ -159,6 +160,11 @@ pub struct Settings {
 
 /// Asks the dataplane reconciler to bring the WireGuard device to the store's state, and waits
 /// until it has. Requests made while a reconcile runs are coalesced into the next one.
+///
+/// Progress is counted in state versions ([`ApiState::version`]): the reconciler publishes the
+/// version of the state it read (under the store lock) once the device matches it, so a caller
+/// whose change has version `v` waits exactly for the first reconcile that read a state at least
+/// that new, not for one more after it.
 #[derive(Debug)]
 pub struct PeerSync {
     requested: watch::Sender<u64>,
@@ -168,7 +174,9 @@ pub struct PeerSync {
 /// The reconciler's end of a [`PeerSync`].
 #[derive(Debug)]
 pub struct PeerSyncWorker {
+    /// The highest state version a caller waits for.
     pub requested: watch::Receiver<u64>,
+    /// The version of the state the device last matched.
     pub applied: watch::Sender<u64>,
 }
 
@@ -188,17 +196,22 @@ impl PeerSync {
         )
     }
 
-    /// Requests a reconcile and waits up to `timeout` for it. Returns whether it happened in time
-    /// (if not, it still happens: the client's handshake simply waits for it).
-    pub async fn sync(&self, timeout: Duration) -> bool {
-        let mut generation = 0;
-        self.requested.send_modify(|g| {
-            *g += 1;
-            generation = *g;
-        });
+    /// Waits up to `timeout` until the device matches a state of at least `version`, asking for
+    /// a reconcile if it does not yet. Returns whether it happened in time (if not, it still
+    /// happens: the client's handshake simply waits for it).
+    pub async fn sync(&self, version: u64, timeout: Duration) -> bool {
         let mut applied = self.applied.clone();
+        if *applied.borrow_and_update() >= version {
+            return true;
+        }
+        // The highest version asked for: a reconcile that already covers it is not repeated.
+        self.requested.send_if_modified(|r| {
+            let newer = *r < version;
+            *r = (*r).max(version);
+            newer
+        });
         matches!(
-            tokio::time::timeout(timeout, applied.wait_for(|a| *a >= generation)).await,
+            tokio::time::timeout(timeout, applied.wait_for(|a| *a >= version)).await,
             Ok(Ok(_))
         )
     }
@@ -223,6 +236,10 @@ pub struct ApiState {
     /// The state hash, computed when asked after a change (computing it encodes the whole
     /// state, so joins only mark it stale: `None`).
     state_hash: Mutex<Option<[u8; 32]>>,
+    /// Counts the local changes of the state ([`ApiState::state_changed`]); see [`PeerSync`].
+    version: std::sync::atomic::AtomicU64,
+    /// The last dump of the client-plane device: endpoints and handshakes ([`observed`]).
+    pub observations: Mutex<observed::Observations>,
     rng: SystemRandom,
     /// The queue to the join group committer (started by the first join; see [`join`]).
     joins: std::sync::OnceLock<std::sync::mpsc::Sender<join::PendingJoin>>,
@@ -249,6 +266,8 @@ impl ApiState {
             clock: Clock::default(),
             limiter: ratelimit::Limiter::unlimited(),
             state_hash: Mutex::new(Some(hash)),
+            version: std::sync::atomic::AtomicU64::new(0),
+            observations: Mutex::new(observed::Observations::default()),
             rng: SystemRandom::new(),
             joins: std::sync::OnceLock::new(),
         }
@@ -275,9 +294,16 @@ impl ApiState {
         h
     }
 
-    /// Marks the cached hash stale (after an append).
+    /// Marks the cached hash stale and counts a new version (after an append; called with the
+    /// store still locked, the version then names exactly the state that includes the append).
     pub fn state_changed(&self) {
         *self.state_hash.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.version.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The number of local changes so far (read it under the store lock to name that state).
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::SeqCst)
     }
 
     fn random<const N: usize>(&self) -> Result<[u8; N], ApiError> {

@@ -1,5 +1,10 @@
 //! `GET /api/mesh/peers`: the devices the caller may connect to directly: the other endpoints of
-//! its own group (its device node's parent). Permission: connect_private, on that group.
+//! its own group (its device node's parent). Permission: connect_private, on that group. Each
+//! peer's endpoint is the one a server observed (the NAT-mapped source of its WireGuard packets,
+//! see [`crate::api::observed`]) when recorded, else the one the device reported.
+//!
+//! `GET /api/mesh/status`: the devices of a group with their liveness as this server sees it
+//! (online: a handshake with this server's client-plane device less than 180 s ago).
 
 use actix_web::{HttpResponse, web};
 use base64::Engine;
@@ -7,7 +12,7 @@ use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 
 use super::{Caller, require};
-use crate::api::{ApiError, ApiState};
+use crate::api::{ApiError, ApiState, observed};
 use crate::tree::{NodeId, NodeKind, Permission};
 
 /// One peer a device may program.
@@ -16,8 +21,11 @@ pub struct Peer {
     pub node_id: String,
     pub hostname: String,
     pub wg_pubkey: String,
-    /// Its last reported public endpoint, if any.
+    /// Where to send to it: the server-observed endpoint if recorded, else the reported one.
     pub endpoint: Option<String>,
+    /// `observed` (by a server: what a NAT maps it to), `reported` (by the device itself), or
+    /// null when there is no endpoint.
+    pub endpoint_source: Option<String>,
     /// Its tunnel addresses as `/32` and `/128`.
     pub allowed_ips: Vec<String>,
 }
@@ -59,11 +67,19 @@ pub async fn get_peers(
         .filter(|n| n.kind == NodeKind::Endpoint && n.id != node)
         .filter_map(|n| {
             let (wg, a) = (n.wg_pubkey?, ipam.tunnel_address(&n.id)?);
+            let observed = n.metadata.contains_key(observed::OBSERVED_ENDPOINT_KEY);
+            let endpoint = observed::best_endpoint(n);
+            let source = match (&endpoint, observed) {
+                (None, _) => None,
+                (Some(_), true) => Some("observed".to_owned()),
+                (Some(_), false) => Some("reported".to_owned()),
+            };
             Some(Peer {
                 node_id: n.id.to_string(),
                 hostname: n.hostname.clone(),
                 wg_pubkey: STANDARD.encode(wg.0),
-                endpoint: n.endpoint.clone(),
+                endpoint,
+                endpoint_source: source,
                 allowed_ips: vec![format!("{}/32", a.v4), format!("{}/128", a.v6)],
             })
         })
@@ -90,24 +106,33 @@ pub struct DeviceStatus {
     pub wg_pubkey: Option<String>,
     pub tunnel_ipv4: Option<String>,
     pub tunnel_ipv6: Option<String>,
-    /// Its last reported public endpoint (`POST /api/heartbeat`), if it ever reported one.
+    /// Its last reported endpoint (`POST /api/heartbeat`), if it ever reported one.
     pub endpoint: Option<String>,
+    /// The endpoint a server observed (NAT-mapped), if recorded.
+    pub observed_endpoint: Option<String>,
     /// True for the device the token names.
     pub is_caller: bool,
+    /// Online: its last handshake with this server's WireGuard device is less than 180 s old.
+    /// Null when this server's device does not list it (no key or lease yet, or no dataplane).
+    pub online: Option<bool>,
+    /// Unix ms of its last handshake with this server; null: never (or not listed).
+    pub last_handshake_ms: Option<u64>,
+    /// Seconds since then, as of `observed_at_ms`.
+    pub last_handshake_age_s: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct StatusResponse {
     pub group_id: String,
     pub devices: Vec<DeviceStatus>,
-    /// What "online" can be judged by. The replicated state records each device's last reported
-    /// endpoint but not when it reported (a heartbeat appends an op only when the endpoint
-    /// changes), so there is no last-seen time: an endpoint means "has reported at least once".
+    /// How `online` is judged (see [`LIVENESS`]).
     pub liveness: String,
+    /// Unix ms of the dump of this server's device the liveness comes from; null: none yet.
+    pub observed_at_ms: Option<u64>,
 }
 
 /// What [`StatusResponse::liveness`] says.
-pub const LIVENESS: &str = "not recorded: the state keeps each device's last reported endpoint, not when it last reported; endpoint != null means it has reported at least once";
+pub const LIVENESS: &str = "online = last WireGuard handshake with this server less than 180 s ago (a live device re-handshakes every 120 s; its agent's keepalive keeps packets flowing), from this server's device dump every 5 s; a device connected through another server is not listed here (online null)";
 
 /// `GET /api/mesh/status`. Permission: read, on the group.
 #[utoipa::path(
@@ -147,11 +172,15 @@ pub async fn get_status(
         }
     };
     require(tree, &caller, Permission::Read, group)?;
+    let obs = state.observations.lock().unwrap_or_else(|p| p.into_inner());
+    let now = state.clock.now_ms();
     let devices = tree
         .children(&group)
         .filter(|n| n.kind == NodeKind::Endpoint)
         .map(|n| {
             let a = ipam.tunnel_address(&n.id);
+            let seen = n.wg_pubkey.and_then(|k| obs.peer(&k));
+            let handshake = seen.and_then(|s| s.last_handshake_ms);
             DeviceStatus {
                 node_id: n.id.to_string(),
                 hostname: n.hostname.clone(),
@@ -159,7 +188,11 @@ pub async fn get_status(
                 tunnel_ipv4: a.map(|a| a.v4.to_string()),
                 tunnel_ipv6: a.map(|a| a.v6.to_string()),
                 endpoint: n.endpoint.clone(),
+                observed_endpoint: n.metadata.get(observed::OBSERVED_ENDPOINT_KEY).cloned(),
                 is_caller: caller.0.node == Some(n.id),
+                online: seen.map(|_| observed::is_online(handshake, now)),
+                last_handshake_ms: handshake,
+                last_handshake_age_s: handshake.map(|h| now.saturating_sub(h) / 1_000),
             }
         })
         .collect();
@@ -167,5 +200,6 @@ pub async fn get_status(
         group_id: group.to_string(),
         devices,
         liveness: LIVENESS.into(),
+        observed_at_ms: (obs.at_ms > 0).then_some(obs.at_ms),
     }))
 }
