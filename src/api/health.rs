@@ -22,14 +22,11 @@ pub struct Health {
     pub dataplane_fell_back: bool,
     pub registration: super::join::Registration,
     /// Ops in the replicated log (servers with the same ops have the same state hash).
-    /// (Not yet in the committed OpenAPI document: regenerate it with `LN_UPDATE_OPENAPI=1`.)
     #[serde(default)]
-    #[schema(ignore)]
     pub op_count: u64,
     /// Gossip with the other servers: listen address, every known server (alive / suspect /
     /// dead, connected or not) and counters. Absent when no gossip runs in this process.
     #[serde(default)]
-    #[schema(ignore)]
     pub gossip: Option<crate::gossip::node::GossipStatus>,
 }
 

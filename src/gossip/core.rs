@@ -188,7 +188,7 @@ impl Outcome {
 }
 
 /// Counters (monotonic) for status, health and benchmarks.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Counters {
     pub datagrams_sent: u64,
     pub datagrams_received: u64,

@@ -189,7 +189,7 @@ pub struct NodeConfig {
 }
 
 /// One server as this one sees it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PeerView {
     pub key: String,
     pub addr: String,
@@ -198,7 +198,7 @@ pub struct PeerView {
 }
 
 /// What `/api/health` and `status` show.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GossipStatus {
     pub listen: String,
     pub peers: Vec<PeerView>,
