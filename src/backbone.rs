@@ -95,7 +95,8 @@ pub fn own_server_node(state: &State, me: &PublicKey) -> Option<NodeId> {
 }
 
 /// Whether the server node `node` belongs to an admitted, unrevoked server: its owner holds
-/// `admin` on the root (what admission grants and revocation takes away).
+/// `admin` on the root (what admission, `AdmitServer`, grants and revocation takes away; a
+/// genesis server whose key is the root holds it as trust anchor) and is not revoked.
 pub fn is_active_server(state: &State, node: &NodeId) -> bool {
     let Some(n) = state.tree().get(node) else {
         return false;
@@ -104,6 +105,7 @@ pub fn is_active_server(state: &State, node: &NodeId) -> bool {
         return false;
     };
     n.kind == NodeKind::Server
+        && !state.is_revoked(&owner)
         && crate::authz::authorize(state.tree(), &owner, Permission::Admin, NodeId::ROOT).is_ok()
 }
 
@@ -242,6 +244,16 @@ pub fn interface_name(args: &BackboneArgs, client_if: &str) -> String {
     let mut n: String = client_if.chars().take(14).collect();
     n.push('b');
     n
+}
+
+/// The backbone interface `status` dumps beside a server's client-plane interface `client_if`
+/// (the default naming: an explicit `--backbone-interface` is not known to `status`).
+pub fn status_interface(client_if: &str) -> String {
+    let defaults = BackboneArgs {
+        backbone_interface: None,
+        no_backbone: false,
+    };
+    interface_name(&defaults, client_if)
 }
 
 /// Starts the backbone of `serve` (unless `--no-backbone`) on the client plane's backend and key.

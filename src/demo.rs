@@ -750,8 +750,8 @@ async fn status_table(inet: &str, servers: &[Server], clients: &[Client]) -> Str
     );
     let _ = writeln!(
         t,
-        "{:<6} {:<16} {:<18} {}",
-        "SERVER", "UNDERLAY", "STATE HASH", "BACKBONE PEERS ALIVE"
+        "{:<6} {:<16} {:<18} BACKBONE PEERS ALIVE",
+        "SERVER", "UNDERLAY", "STATE HASH"
     );
     for (s, h) in servers.iter().zip(&hashes) {
         let peers = handshake_ages(&s.ns, &s.backbone_if);
@@ -765,7 +765,7 @@ async fn status_table(inet: &str, servers: &[Server], clients: &[Client]) -> Str
             s.name,
             s.addr,
             h.as_deref()
-                .map(|h| &h[..16.min(h.len())])
+                .map(|h| h.get(..16).unwrap_or(h))
                 .unwrap_or("(down)"),
             alive,
             peers.len()
@@ -776,15 +776,15 @@ async fn status_table(inet: &str, servers: &[Server], clients: &[Client]) -> Str
         let _ = writeln!(
             t,
             "state hashes: converged ({})",
-            &up[0][..16.min(up[0].len())]
+            up[0].get(..16).unwrap_or(up[0])
         );
     } else {
         let _ = writeln!(t, "state hashes: not converged yet");
     }
     let _ = writeln!(
         t,
-        "{:<8} {:<6} {:<14} {:<6} {}",
-        "CLIENT", "GROUP", "TUNNEL", "SERVER", "SERVER HANDSHAKE"
+        "{:<8} {:<6} {:<14} {:<6} SERVER HANDSHAKE",
+        "CLIENT", "GROUP", "TUNNEL", "SERVER"
     );
     for c in clients {
         let Some(a) = &c.answer else { continue };

@@ -88,6 +88,37 @@ pub struct ServerStatus {
     pub names: String,
     pub peers: Vec<PeerView>,
     pub device_error: Option<String>,
+    /// The server backbone interface (`crate::backbone`): the other servers as peers.
+    pub backbone: Option<BackboneView>,
+}
+
+/// The backbone interface as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackboneView {
+    pub interface: String,
+    pub peers: Vec<PeerView>,
+    pub device_error: Option<String>,
+}
+
+/// The backbone section of a server's status: one line per other server.
+fn render_backbone(s: &ServerStatus) -> String {
+    let Some(b) = &s.backbone else {
+        return String::new();
+    };
+    let mut o = format!("backbone:   {} ({} servers)\n", b.interface, b.peers.len());
+    if let Some(e) = &b.device_error {
+        o.push_str(&format!("  device:   {e}\n"));
+    }
+    for p in &b.peers {
+        o.push_str(&format!(
+            "  {}  {}  {}  handshake {}\n",
+            p.name.clone().unwrap_or_else(|| short_key(&p.public_key)),
+            p.allowed_ips.join(" "),
+            p.endpoint.as_deref().unwrap_or("-"),
+            format_age(p.handshake_age_secs)
+        ));
+    }
+    o
 }
 
 /// Seconds between `last` and `now` (0 if `last` is in the future); `None` when never.
@@ -262,7 +293,7 @@ pub fn render_server(s: &ServerStatus) -> String {
     }
     o.push_str(&format!("peers:      {}\n", s.peers.len()));
     if s.peers.is_empty() {
-        return o;
+        return o + &render_backbone(s);
     }
     let rows: Vec<[String; 7]> = s
         .peers
@@ -304,7 +335,7 @@ pub fn render_server(s: &ServerStatus) -> String {
         o.push_str(line.join("  ").trim_end());
         o.push('\n');
     }
-    o
+    o + &render_backbone(s)
 }
 
 fn short_key(k: &str) -> String {
@@ -467,6 +498,19 @@ pub fn status_command(cfg: &Config, args: StatusArgs, out: &mut dyn std::io::Wri
         ),
         Err(e) => (None, Vec::new(), Some(e)),
     };
+    let bb_if = crate::backbone::status_interface(&ifname);
+    let backbone = Some(match rt.block_on(dump_device(&bb_if)) {
+        Ok((_, dev)) => BackboneView {
+            interface: bb_if,
+            peers: peer_views(&dev, &names, SystemTime::now()),
+            device_error: None,
+        },
+        Err(e) => BackboneView {
+            interface: bb_if,
+            peers: Vec::new(),
+            device_error: Some(e),
+        },
+    });
     let s = ServerStatus {
         role: "server",
         interface: ifname,
@@ -476,6 +520,7 @@ pub fn status_command(cfg: &Config, args: StatusArgs, out: &mut dyn std::io::Wri
         names: source,
         peers,
         device_error,
+        backbone,
     };
     if args.json {
         write_json(out, &s)
@@ -704,6 +749,7 @@ mod tests {
             names: "from the state store".into(),
             peers,
             device_error: None,
+            backbone: None,
         };
         let text = render_server(&s);
         let row = text.lines().find(|l| l.starts_with("laptop")).expect(&text);

@@ -400,6 +400,28 @@ fn cluster_converges_and_clients_of_different_servers_talk() {
     );
 
     assert_backbone_mesh(&c);
+    // `status` on a server lists its backbone peers: the two other servers, at their endpoints.
+    let s1 = &c.servers[0];
+    let mut st = e2e_common::node_cmd(&s1.ns, &s1.dir);
+    st.args([
+        "--log-level",
+        "error",
+        "status",
+        "--wg-interface",
+        &s1.client_if,
+    ]);
+    let text = common::must(&mut st);
+    let section = text
+        .split("backbone:")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no backbone section in status:\n{text}"));
+    let (a2, a3) = (&c.servers[1].addr, &c.servers[2].addr);
+    assert!(
+        section.contains("(2 servers)")
+            && section.contains(&format!("{a2}:51941"))
+            && section.contains(&format!("{a3}:51941")),
+        "status lists s2 and s3 on the backbone:\n{text}"
+    );
 }
 
 #[test]

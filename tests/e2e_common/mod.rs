@@ -300,7 +300,10 @@ impl ClusterServer {
     ) -> ClusterServer {
         let ns = Netns::new(&format!("s{n}"));
         let addr = net.attach(&ns, n);
-        let (client_if, backbone_if) = (unique_name("cc"), unique_name("cb"));
+        // The backbone interface gets serve's default name beside this client interface
+        // (`<client if>b`), the one `status` looks for.
+        let client_if = unique_name("cc");
+        let backbone_if = format!("{client_if}b");
         ns.own_uapi_socket(&client_if);
         ns.own_uapi_socket(&backbone_if);
         let dir = tmp.join(name);
@@ -329,8 +332,6 @@ impl ClusterServer {
                 "serve",
                 "--wg-interface",
                 &self.client_if,
-                "--backbone-interface",
-                &self.backbone_if,
                 "--public-host",
                 &self.addr,
                 "--server-name",

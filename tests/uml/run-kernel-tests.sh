@@ -30,8 +30,10 @@ if [ -z "$BINS" ]; then
     exit 1
 fi
 # The product's scenario (one server, three clients: tests/e2e_three_clients.rs) on kernel WireGuard.
+# (The JSON also names the lemonade-nexus binary the test needs: pick the test executable.)
 ROOT_BIN=$(cargo test -j2 --test e2e_three_clients --no-run --message-format=json 2>/dev/null \
-    | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' | head -1 || true)
+    | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' \
+    | grep '/e2e_three_clients-' | head -1 || true)
 if [ -z "$ROOT_BIN" ]; then
     echo "run-kernel-tests: tests/e2e_three_clients.rs did not build" >&2
     exit 1
