@@ -480,7 +480,7 @@ async fn core_loop<H: StoreHost>(
             for s in &seeds {
                 let connected = seed_keys.get(s).is_some_and(|k| conns.contains_key(k));
                 if !connected && dialing.insert(s.clone()) {
-                    tokio::spawn(dial(ctx.clone(), s.clone(), true));
+                    tokio::spawn(dial(ctx.clone(), s.clone()));
                 }
             }
         }
@@ -491,12 +491,21 @@ async fn core_loop<H: StoreHost>(
         while let Some(o) = core.poll_output() {
             match o {
                 Output::Datagram { to, bytes } => match conns.get(&to) {
-                    Some(c) if c.datagram_send_buffer_space() >= bytes.len() => {
+                    // Backpressure: never let quinn drop older queued datagrams; the path MTU
+                    // may have shrunk since the core packed this one (PMTUD).
+                    Some(c)
+                        if c.datagram_send_buffer_space() >= bytes.len()
+                            && c.max_datagram_size().is_some_and(|m| m >= bytes.len()) =>
+                    {
                         if c.send_datagram(Bytes::from(bytes)).is_err() {
                             core.datagram_dropped();
                         }
                     }
-                    _ => core.datagram_dropped(),
+                    Some(c) => {
+                        core.datagram_dropped();
+                        core.set_max_datagram(&to, c.max_datagram_size().unwrap_or(0));
+                    }
+                    None => core.datagram_dropped(),
                 },
                 Output::Request { to, id, req } => match conns.get(&to) {
                     Some(c) => {
@@ -509,7 +518,7 @@ async fn core_loop<H: StoreHost>(
                 }
                 Output::Connect(id) => {
                     if !conns.contains_key(&id.key) && dialing.insert(id.addr.clone()) {
-                        tokio::spawn(dial(ctx.clone(), id.addr, false));
+                        tokio::spawn(dial(ctx.clone(), id.addr));
                     }
                 }
             }
@@ -616,7 +625,7 @@ async fn accept_hello<H: StoreHost>(
 }
 
 /// Dials `addr`, exchanges Hellos, and reports the connection.
-async fn dial<H: StoreHost>(ctx: Arc<Ctx<H>>, addr: String, is_seed: bool) {
+async fn dial<H: StoreHost>(ctx: Arc<Ctx<H>>, addr: String) {
     let key = match dial_inner(&ctx, &addr).await {
         Ok((id, conn)) => {
             let key = id.key;
@@ -628,7 +637,6 @@ async fn dial<H: StoreHost>(ctx: Arc<Ctx<H>>, addr: String, is_seed: bool) {
             None
         }
     };
-    let _ = is_seed;
     let _ = ctx.events.send(Event::Dialed { seed: addr, key });
 }
 
