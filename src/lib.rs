@@ -8,6 +8,7 @@ pub mod backbone;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod gossip;
 pub mod hlc;
 pub mod identity;
 pub mod ipam;
