@@ -50,7 +50,7 @@ pub async fn post_revocation(
         server: r.server.to_string(),
         status: status.to_owned(),
     };
-    {
+    let version = {
         let mut store = state.lock_store();
         if store.state().is_revoked(&r.server) {
             return Ok(HttpResponse::Ok().json(answer("already_revoked")));
@@ -65,7 +65,13 @@ pub async fn post_revocation(
             // In the log with no effect (e.g. this server is itself revoked): say why.
             return Err(ApiError::bad_request("revocation_refused", e.to_string()));
         }
-    }
+        // Read under the store lock: the version that includes the revocation.
+        state.version()
+    };
     tracing::warn!(server = %r.server, reason = %r.reason, "server revoked by the cluster root");
+    // The revoked server leaves the backbone: wake the reconcilers now, without waiting for them.
+    if let Some(p) = &state.peers {
+        p.sync(version, std::time::Duration::ZERO).await;
+    }
     Ok(HttpResponse::Ok().json(answer("revoked")))
 }
