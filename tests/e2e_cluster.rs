@@ -440,6 +440,34 @@ fn killed_server_others_keep_serving_and_it_catches_up() {
     assert_talk(&a, &d);
 
     c.servers[2].kill();
+    let killed = Instant::now();
+    // The others detect it (SWIM, shown in /api/health) within seconds.
+    let s3_key = c.servers[2].key.clone();
+    for s in &c.servers[..2] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let dead = e2e_common::get_json(&c.net.ns, &s.url(), "/api/health").is_some_and(|h| {
+                h["gossip"]["peers"].as_array().is_some_and(|ps| {
+                    ps.iter()
+                        .any(|p| p["key"] == s3_key.as_str() && p["status"] == "dead")
+                })
+            });
+            if dead {
+                eprintln!(
+                    "cluster: {} saw s3 dead {:?} after kill -9",
+                    s.name,
+                    killed.elapsed()
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not detect the death of s3",
+                s.name
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     // The others keep serving joins...
     let mut e = c.client("e", 12);
     e.join(&u1, Some(&key), Duration::from_secs(30));
@@ -465,6 +493,17 @@ fn killed_server_others_keep_serving_and_it_catches_up() {
     c.servers[2].start(&c.root, Some(&seed));
     // converge() waits for one hash on all three: s3 has every op it missed.
     c.converge("after the restart of s3");
+    // And it is alive again in the others' membership.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !e2e_common::get_json(&c.net.ns, &c.servers[0].url(), "/api/health").is_some_and(|h| {
+        h["gossip"]["peers"].as_array().is_some_and(|ps| {
+            ps.iter()
+                .any(|p| p["key"] == s3_key.as_str() && p["status"] == "alive")
+        })
+    }) {
+        assert!(Instant::now() < deadline, "s1 did not re-admit s3 as alive");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]
