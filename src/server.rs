@@ -13,8 +13,9 @@
 //!    server answers on). This runs on every start, so `kill -9` and restart converge;
 //! 5. the public HTTPS API (`crate::api`) on `listen.api`.
 //!
-//! Then a reconciler task keeps the device equal to the store: on every join (coalesced) and
-//! every [`DRIFT_CHECK`] against drift (an operator's `wg set`, a restarted daemon).
+//! Then a reconciler task keeps the device equal to the store: on every join (coalesced; diffed
+//! against what the last reconcile programmed, no dump) and every [`DRIFT_CHECK`] against drift
+//! (a full dump and diff: an operator's `wg set`, a restarted daemon).
 //! SIGINT/SIGTERM stop the API gracefully; the WireGuard device and its peers are left up, so
 //! clients keep their data path while the server restarts.
 
@@ -33,7 +34,8 @@ use lemonade_nexus_netlink::model::PrivateKey;
 use lemonade_nexus_netlink::rtnl::{LinkConfig, Rtnl};
 use lemonade_nexus_netlink::uapi::UapiBackend;
 use lemonade_nexus_netlink::{
-    BackendKind, BackendPreference, DeviceConfig, DeviceDiff, Key, PeerConfig, WgBackend,
+    BackendKind, BackendPreference, DeviceConfig, DeviceDiff, DeviceState, Key, PeerConfig,
+    WgBackend,
 };
 use ring::rand::SystemRandom;
 
@@ -171,6 +173,21 @@ impl Backend {
         match self {
             Backend::Kernel(b) => b.ensure_device(ifname).await?,
             Backend::Userspace(b) => b.ensure_device(ifname).await?,
+        }
+        Ok(())
+    }
+
+    pub fn capabilities(&self) -> lemonade_nexus_netlink::Capabilities {
+        match self {
+            Backend::Kernel(b) => b.capabilities(),
+            Backend::Userspace(b) => b.capabilities(),
+        }
+    }
+
+    pub async fn apply(&self, ifname: &str, diff: &DeviceDiff) -> Result<()> {
+        match self {
+            Backend::Kernel(b) => b.apply(ifname, diff).await?,
+            Backend::Userspace(b) => b.apply(ifname, diff).await?,
         }
         Ok(())
     }
@@ -453,12 +470,17 @@ struct Plane {
     port: u16,
     link: LinkConfig,
     rtnl: Rtnl,
+    /// What the last successful reconcile left on the device. A reconcile asked for by a join
+    /// diffs against it instead of dumping the device (a dump costs time linear in the number
+    /// of peers, for every batch of joins); the periodic drift check always dumps.
+    programmed: Option<DeviceState>,
 }
 
 impl Plane {
     /// Brings the device to the store's state; returns the state version it read (see
-    /// [`PeerSync`]).
-    async fn reconcile(&self, state: &ApiState) -> Result<u64> {
+    /// [`PeerSync`]). `full`: dump the device and diff against what it really has (start-up, drift
+    /// check, after a failure); otherwise diff against what the last reconcile programmed.
+    async fn reconcile(&mut self, state: &ApiState, full: bool) -> Result<u64> {
         let (desired, version) = {
             let store = state.store.lock().unwrap_or_else(|p| p.into_inner());
             let device = client_plane_device(
@@ -469,13 +491,33 @@ impl Plane {
             );
             (device, state.version())
         };
-        let diff = self.backend.reconcile(&self.ifname, &desired).await?;
+        let known = if full { None } else { self.programmed.take() };
+        let actual = match known {
+            Some(k) => k,
+            None => self.backend.get(&self.ifname).await?,
+        };
+        let diff = lemonade_nexus_netlink::diff(&actual, &desired, self.backend.capabilities())?;
         if !diff.is_empty() {
-            tracing::info!(ifname = %self.ifname, peers = desired.peers.len(), "client-plane device reconciled");
+            self.backend.apply(&self.ifname, &diff).await?;
+            tracing::info!(ifname = %self.ifname, peers = desired.peers.len(), full, "client-plane device reconciled");
         }
-        let changes = self.rtnl.reconcile_link(&self.ifname, &self.link).await?;
-        if !changes.is_empty() {
-            tracing::info!(ifname = %self.ifname, ?changes, "client-plane link reconciled");
+        self.programmed = Some(DeviceState {
+            private_key: desired.private_key.clone(),
+            public_key: None,
+            listen_port: desired.listen_port.unwrap_or(actual.listen_port),
+            fwmark: desired.fwmark.unwrap_or(actual.fwmark),
+            peers: desired
+                .peers
+                .iter()
+                .cloned()
+                .map(lemonade_nexus_netlink::PeerState::from_config)
+                .collect(),
+        });
+        if full {
+            let changes = self.rtnl.reconcile_link(&self.ifname, &self.link).await?;
+            if !changes.is_empty() {
+                tracing::info!(ifname = %self.ifname, ?changes, "client-plane link reconciled");
+            }
         }
         Ok(version)
     }
@@ -519,6 +561,7 @@ async fn start_plane(
             rule_priority: None,
         },
         rtnl: Rtnl::connect()?,
+        programmed: None,
     };
     let info = DataplaneInfo {
         backend: choice.kind.to_string(),
@@ -529,15 +572,18 @@ async fn start_plane(
 }
 
 /// Keeps the device equal to the store: on request (joins) and every [`DRIFT_CHECK`].
-async fn reconcile_loop(plane: Plane, state: Arc<ApiState>, mut worker: PeerSyncWorker) {
+async fn reconcile_loop(mut plane: Plane, state: Arc<ApiState>, mut worker: PeerSyncWorker) {
     let every = api::observed::OBSERVE_EVERY;
     let mut observe = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     observe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut full = true;
     loop {
-        let applied = match plane.reconcile(&state).await {
+        let applied = match plane.reconcile(&state, full).await {
             Ok(version) => version,
             Err(e) => {
                 tracing::error!(error = %format!("{e:#}"), "client-plane reconcile failed; retrying");
+                // The device is in an unknown state: the next one dumps it.
+                plane.programmed = None;
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
@@ -548,8 +594,15 @@ async fn reconcile_loop(plane: Plane, state: Arc<ApiState>, mut worker: PeerSync
         let drift = tokio::time::Instant::now() + DRIFT_CHECK;
         loop {
             tokio::select! {
-                r = worker.requested.wait_for(|v| *v > applied) => if r.is_err() { return } else { break },
-                _ = tokio::time::sleep_until(drift) => break,
+                r = worker.requested.wait_for(|v| *v > applied) => {
+                    if r.is_err() { return }
+                    full = false;
+                    break;
+                }
+                _ = tokio::time::sleep_until(drift) => {
+                    full = true;
+                    break;
+                }
                 _ = observe.tick() => {
                     let recorded = match plane.backend.get(&plane.ifname).await {
                         Ok(dump) => api::observed::record(&state, &dump, now_ms()),
