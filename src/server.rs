@@ -703,8 +703,8 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
 
     // The device first (converges after a crash), then the API.
     let plane = match (plane, worker) {
-        (Some(p), Some(w)) => {
-            p.reconcile(&state)
+        (Some(mut p), Some(w)) => {
+            p.reconcile(&state, true)
                 .await
                 .context("initial reconcile of the client plane")?;
             Some((p, w))
