@@ -268,7 +268,6 @@ enum Event {
 struct Ctx<H> {
     host: Arc<H>,
     me: PublicKey,
-    root: PublicKey,
     cluster: [u8; 32],
     advertise: String,
     cert: Vec<u8>,
@@ -290,7 +289,7 @@ pub fn start<H: StoreHost>(
     sign: SignFn,
     cfg: NodeConfig,
 ) -> Result<Gossip> {
-    let (root, cluster, heads, revoked_now) = host
+    let (cluster, heads, revoked_now) = host
         .with_store(|s| {
             let revoked: BTreeSet<PublicKey> = s
                 .state()
@@ -301,7 +300,6 @@ pub fn start<H: StoreHost>(
                 .map(|(k, _)| *k)
                 .collect();
             (
-                s.root(),
                 wire::cluster_id(&s.root(), s.state().ipam().config()),
                 s.heads().clone(),
                 revoked,
@@ -316,7 +314,6 @@ pub fn start<H: StoreHost>(
     let ctx = Arc::new(Ctx {
         host,
         me,
-        root,
         cluster,
         advertise: advertise.clone(),
         cert: cfg.cert.clone(),
@@ -730,45 +727,22 @@ fn check_hello<H: StoreHost>(
             ),
         ));
     }
-    let (revoked, active) = ctx
+    // One admission rule for every transport (trust::check_peer): revoked never; an admitted
+    // server or the root with any root-signed certificate naming it (expiry was checked when it
+    // was admitted); anyone else with a certificate valid now.
+    let checked = ctx
         .host
-        .with_store(|s| {
-            (
-                s.state().is_revoked(&key),
-                s.state()
-                    .server_status(&key)
-                    .is_some_and(|st| st.is_active()),
-            )
-        })
+        .with_store(|s| crate::trust::check_peer(s.state(), &key, &h.cert.0, now_ms()))
         .ok_or((close::SHUTDOWN, "shutting down".to_string()))?;
-    if revoked {
-        return Err((close::REVOKED, format!("server {key} is revoked")));
-    }
-    if h.cert.0.is_empty() {
-        if key != ctx.root && !active {
-            return Err((
-                close::NOT_ADMITTED,
-                format!("server {key} presented no certificate and is not an admitted server"),
-            ));
+    checked.map_err(|e| match e {
+        crate::trust::TrustError::Revoked(_) => {
+            (close::REVOKED, format!("server {key} is revoked"))
         }
-    } else {
-        let cert =
-            crate::trust::verify_server_cert(&h.cert.0, &ctx.root, now_ms()).map_err(|e| {
-                (
-                    close::NOT_ADMITTED,
-                    format!("server certificate refused: {e}"),
-                )
-            })?;
-        if cert.server != key {
-            return Err((
-                close::NOT_ADMITTED,
-                format!(
-                    "server certificate names {} but the connection authenticated {key}",
-                    cert.server
-                ),
-            ));
-        }
-    }
+        e => (
+            close::NOT_ADMITTED,
+            format!("server {key} not admitted: {e}"),
+        ),
+    })?;
     Ok(ServerId {
         key,
         addr: h.gossip_addr,
