@@ -721,20 +721,24 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
         None => None,
     };
 
-    // The private API listens on the tunnel (gateway) address only, never on 0.0.0.0: only
-    // enrolled devices reach it, through the tunnel. Without a dataplane there is no tunnel, so
-    // no private API. (IPv4 only: the IPv6 gateway address may still be tentative here.)
-    let private_listener = match &plane {
+    // The private API listens on the tunnel (gateway) addresses only, IPv4 and IPv6, never on
+    // 0.0.0.0 or [::]: only enrolled devices reach it, through the tunnel. Without a dataplane
+    // there is no tunnel, so no private API.
+    let private_listeners = match &plane {
         Some(_) => {
-            let addr =
-                std::net::SocketAddr::from((ipam.address_of(1).v4, cfg.listen.private_api_port));
-            let l = TcpListener::bind(addr)
-                .with_context(|| format!("cannot listen on {addr} (private API)"))?;
-            Some(l)
+            let g = ipam.address_of(1);
+            let port = cfg.listen.private_api_port;
+            vec![
+                bind_tunnel(std::net::SocketAddr::from((g.v4, port))).await?,
+                bind_tunnel(std::net::SocketAddr::from((g.v6, port))).await?,
+            ]
         }
-        None => None,
+        None => Vec::new(),
     };
-    let private_addr = private_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let private_addrs: Vec<_> = private_listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
     let tls_cfg = tls::server_config(&cert)?;
     let (handle_tx, handle_rx) = std::sync::mpsc::channel();
     let api_state = state.clone();
@@ -752,22 +756,20 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
                     .shutdown_timeout(5)
                     .listen_rustls_0_23(listener, tls_cfg.clone())?
                     .run();
-                    let private = match private_listener {
-                        Some(l) => {
-                            let st = api_state.clone();
-                            Some(
-                                actix_web::HttpServer::new(move || {
-                                    actix_web::App::new()
-                                        .configure(api::private::routes(st.clone()))
-                                })
-                                .workers(1)
-                                .disable_signals()
-                                .shutdown_timeout(5)
-                                .listen_rustls_0_23(l, tls_cfg)?
-                                .run(),
-                            )
+                    let private = if private_listeners.is_empty() {
+                        None
+                    } else {
+                        let st = api_state.clone();
+                        let mut p = actix_web::HttpServer::new(move || {
+                            actix_web::App::new().configure(api::private::routes(st.clone()))
+                        })
+                        .workers(1)
+                        .disable_signals()
+                        .shutdown_timeout(5);
+                        for l in private_listeners {
+                            p = p.listen_rustls_0_23(l, tls_cfg.clone())?;
                         }
-                        None => None,
+                        Some(p.run())
                     };
                     let _ = handle_tx.send((server.handle(), private.as_ref().map(|p| p.handle())));
                     match private {
@@ -832,9 +834,11 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
             .unwrap_or_default()
     )?;
     writeln!(out, "public API:     https://{bound}")?;
-    match private_addr {
-        Some(a) => writeln!(out, "private API:    https://{a} (tunnel only)")?,
-        None => writeln!(out, "private API:    off (no dataplane, no tunnel)")?,
+    if private_addrs.is_empty() {
+        writeln!(out, "private API:    off (no dataplane, no tunnel)")?;
+    } else {
+        let urls: Vec<String> = private_addrs.iter().map(|a| format!("https://{a}")).collect();
+        writeln!(out, "private API:    {} (tunnel only)", urls.join(" "))?;
     }
     writeln!(out, "TLS pin:        {}", cert.pin)?;
     writeln!(out, "join URL:       {url}")?;
@@ -867,6 +871,27 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
     };
     close_store(state).await;
     served
+}
+
+/// Binds a tunnel address of the private API. The address was just put on the interface: an
+/// IPv6 address may still be tentative (duplicate address detection) for a moment, so a refused
+/// bind is retried for a few seconds before giving up.
+async fn bind_tunnel(addr: std::net::SocketAddr) -> Result<TcpListener> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpListener::bind(addr) {
+            Ok(l) => return Ok(l),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrNotAvailable
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot listen on {addr} (private API)"));
+            }
+        }
+    }
 }
 
 /// Drops the last reference to the API state, which closes the store cleanly. The API's worker
