@@ -610,7 +610,19 @@ fn revoked_server_is_cut_off_from_gossip_and_backbone() {
         }
     }
     // Cut off from gossip: new ops on s1 reach s2, never s3 (its state stays where it was).
-    let before = state_hashes(&c.net.ns, &[s3]);
+    // First let s3 settle (the revocation itself may still be reaching it): the same hash for 3 s.
+    let mut before = state_hashes(&c.net.ns, &[s3]);
+    let mut stable_since = Instant::now();
+    let deadline = Instant::now() + CONVERGE;
+    while stable_since.elapsed() < Duration::from_secs(3) {
+        assert!(Instant::now() < deadline, "s3's state keeps changing");
+        std::thread::sleep(Duration::from_millis(300));
+        let now = state_hashes(&c.net.ns, &[s3]);
+        if now != before {
+            before = now;
+            stable_since = Instant::now();
+        }
+    }
     assert!(before[0].is_some(), "s3 still runs and answers");
     let mut late = c.client("late", 11);
     late.join(&c.servers[0].url(), None, Duration::from_secs(30));

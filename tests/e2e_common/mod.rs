@@ -96,6 +96,8 @@ pub fn start_serve(
     host: &str,
     extra: &[&str],
 ) -> (Proc, JoinUrl) {
+    // serve's backbone interface, named after the client interface (crate::backbone).
+    ns.own_uapi_socket(&format!("{ifname}b"));
     let mut c = ns.cmd(env!("CARGO_BIN_EXE_lemonade-nexus"));
     c.args(["--config", "/dev/null", "--data-dir"])
         .arg(dir.join("data"))
@@ -276,6 +278,9 @@ impl ClusterRoot {
 
 /// One server of a test cluster: its namespace on an [`Internet`], directory, interfaces.
 pub struct ClusterServer {
+    /// First, so it is dropped (killed) before the namespace: a live server would recreate
+    /// its devices (and their UAPI sockets) while the namespace is being removed.
+    pub proc: Option<Proc>,
     pub name: String,
     pub ns: Netns,
     pub addr: String,
@@ -285,7 +290,6 @@ pub struct ClusterServer {
     /// Its Ed25519 identity key (base64).
     pub key: String,
     pub cert: std::path::PathBuf,
-    pub proc: Option<Proc>,
     pub url: Option<JoinUrl>,
 }
 
@@ -461,11 +465,12 @@ pub fn wait_converged(
 
 /// One client device of a test cluster.
 pub struct ClusterClient {
+    /// First, so the agent is killed before the namespace goes (see [`ClusterServer::proc`]).
+    pub proc: Option<Proc>,
     pub name: String,
     pub ns: Netns,
     pub ifname: String,
     pub dir: std::path::PathBuf,
-    pub proc: Option<Proc>,
     pub answer: Option<lemonade_nexus::api::join::JoinResponse>,
 }
 
