@@ -15,6 +15,8 @@
 //! - (c) `partition_heals_to_one_state_without_duplicate_addresses`: nftables cuts gossip between
 //!   {s1} and {s2, s3} while joins continue on both sides; after healing every server has the same
 //!   hash within the bound, and the final IPAM holds no address twice.
+//! - (c') `partition_conflict_on_one_block_resolves_to_one_holder`: the same with a one-block
+//!   tunnel pool, so both sides lease the same address; after healing one device holds it.
 //! - (d) `revoked_server_is_cut_off_from_gossip_and_backbone`: `revoke-server --submit`; the
 //!   revoked server leaves every other server's backbone interface and gets no more ops.
 //!
@@ -247,12 +249,20 @@ struct Cluster {
 
 impl Cluster {
     fn start(tag: &str, prefix: &str) -> Cluster {
+        Cluster::start_with(tag, prefix, &[])
+    }
+
+    /// Like [`Cluster::start`], every server with the global options `args`.
+    fn start_with(tag: &str, prefix: &str, args: &[&str]) -> Cluster {
         let tmp = tempfile::tempdir().expect("tmp");
         let net = Internet::new(tag, prefix);
         let root = ClusterRoot::new(&tmp.path().join("root"));
         let mut servers: Vec<ClusterServer> = (1..=3u8)
             .map(|i| ClusterServer::new(&net, &root, tmp.path(), &format!("s{i}"), i))
             .collect();
+        for s in &mut servers {
+            s.global_args = args.iter().map(|a| a.to_string()).collect();
+        }
         servers[0].start(&root, None);
         let seed = servers[0].seed();
         for s in &mut servers[1..] {
@@ -511,18 +521,7 @@ fn partition_heals_to_one_state_without_duplicate_addresses() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let mut c = Cluster::start("cc", "192.168.244");
     let urls: Vec<_> = c.servers.iter().map(|s| s.url()).collect();
-    // {s1} | {s2, s3}: s1 drops gossip (udp 9102) to and from the other two.
-    let (a2, a3) = (c.servers[1].addr.clone(), c.servers[2].addr.clone());
-    let rules = format!(
-        "table inet lnpart {{
-            chain input {{ type filter hook input priority 0; ip saddr {{ {a2}, {a3} }} udp dport 9102 drop; ip saddr {{ {a2}, {a3} }} udp sport 9102 drop; }}
-            chain output {{ type filter hook output priority 0; ip daddr {{ {a2}, {a3} }} udp dport 9102 drop; ip daddr {{ {a2}, {a3} }} udp sport 9102 drop; }}
-        }}"
-    );
-    let file = c.dir().join("partition.nft");
-    std::fs::write(&file, rules).expect("nft file");
-    common::must(c.servers[0].ns.cmd("nft").arg("-f").arg(&file));
-
+    partition_s1(&c);
     // Joins on both sides while partitioned: s1 and s3 both need an address block now.
     let mut clients = Vec::new();
     for (i, server) in [0usize, 2, 0, 2, 1, 0].into_iter().enumerate() {
@@ -533,8 +532,71 @@ fn partition_heals_to_one_state_without_duplicate_addresses() {
     let side = wait_converged(&c.net.ns, &[&c.servers[1], &c.servers[2]], CONVERGE).0;
     let alone = state_hashes(&c.net.ns, &[&c.servers[0]]);
     assert_ne!(alone, vec![Some(side)], "s1 is really cut off");
+    let ipam = heal_and_check(&mut c);
+    assert_eq!(
+        ipam["leases"].as_array().map(Vec::len),
+        Some(clients.len()),
+        "every device joined during the partition keeps a lease (no block conflict here)"
+    );
+}
 
-    // Heal: every server reaches the same hash within the bound.
+/// The same with a tunnel pool of one block (10.99.0.0/24), so both sides of the partition must
+/// claim that block and lease the same address: the merge has to resolve a real conflict.
+#[test]
+fn partition_conflict_on_one_block_resolves_to_one_holder() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut c = Cluster::start_with(
+        "ce",
+        "192.168.246",
+        &["--overlay-client-v4", "10.99.0.0/24"],
+    );
+    let (u1, u3) = (c.servers[0].url(), c.servers[2].url());
+    partition_s1(&c);
+    let mut x = c.client("x", 11);
+    let ax = x.join(&u1, None, Duration::from_secs(30));
+    let mut y = c.client("y", 31);
+    let ay = y.join(&u3, None, Duration::from_secs(30));
+    assert_eq!(
+        ax.tunnel_ipv4, ay.tunnel_ipv4,
+        "both sides leased the same address of the one block (the conflict is real)"
+    );
+    let ipam = heal_and_check(&mut c);
+    let blocks = ipam["blocks"].as_array().expect("blocks");
+    assert_eq!(blocks.len(), 1, "one block, one holder: {ipam:#}");
+    let holders: Vec<&str> = ipam["leases"]
+        .as_array()
+        .expect("leases")
+        .iter()
+        .filter(|l| l["v4"] == ax.tunnel_ipv4.as_str())
+        .filter_map(|l| l["hostname"].as_str())
+        .collect();
+    assert_eq!(
+        holders.len(),
+        1,
+        "{} is held once: {ipam:#}",
+        ax.tunnel_ipv4
+    );
+    eprintln!("partition conflict: {} kept {}", holders[0], ax.tunnel_ipv4);
+}
+
+/// {s1} | {s2, s3}: s1 drops gossip (udp 9102) to and from the other two.
+fn partition_s1(c: &Cluster) {
+    let (a2, a3) = (c.servers[1].addr.clone(), c.servers[2].addr.clone());
+    let rules = format!(
+        "table inet lnpart {{
+            chain input {{ type filter hook input priority 0; ip saddr {{ {a2}, {a3} }} udp dport 9102 drop; ip saddr {{ {a2}, {a3} }} udp sport 9102 drop; }}
+            chain output {{ type filter hook output priority 0; ip daddr {{ {a2}, {a3} }} udp dport 9102 drop; ip daddr {{ {a2}, {a3} }} udp sport 9102 drop; }}
+        }}"
+    );
+    let file = c.dir().join("partition.nft");
+    std::fs::write(&file, rules).expect("nft file");
+    common::must(c.servers[0].ns.cmd("nft").arg("-f").arg(&file));
+}
+
+/// Removes the partition, waits for one hash within the bound, stops the servers and checks
+/// that their final IPAM (read offline) holds no address and no block twice, the same on all.
+/// Returns that IPAM.
+fn heal_and_check(c: &mut Cluster) -> serde_json::Value {
     common::must(
         c.servers[0]
             .ns
@@ -547,8 +609,6 @@ fn partition_heals_to_one_state_without_duplicate_addresses() {
         "partition: healed in {:?} (bound {CONVERGE:?})",
         healed.elapsed()
     );
-
-    // No address is held twice in the final state (read offline from each stopped server).
     let mut finals = Vec::new();
     for s in &mut c.servers {
         s.stop();
@@ -575,11 +635,9 @@ fn partition_heals_to_one_state_without_duplicate_addresses() {
         blocks.sort();
         blocks.dedup();
         assert_eq!(blocks.len(), nb, "a block has two holders: {ipam:#}");
-        assert_eq!(
-            ipam["leases"], finals[0]["leases"],
-            "one IPAM on every server"
-        );
+        assert_eq!(ipam, &finals[0], "one IPAM on every server");
     }
+    finals.swap_remove(0)
 }
 
 #[test]

@@ -291,6 +291,9 @@ pub struct ClusterServer {
     pub key: String,
     pub cert: std::path::PathBuf,
     pub url: Option<JoinUrl>,
+    /// Extra global options for `serve` (for example an overlay prefix; every server of a
+    /// cluster needs the same).
+    pub global_args: Vec<String>,
 }
 
 impl ClusterServer {
@@ -325,6 +328,7 @@ impl ClusterServer {
             cert,
             proc: None,
             url: None,
+            global_args: Vec::new(),
         }
     }
 
@@ -332,6 +336,7 @@ impl ClusterServer {
     pub fn start(&mut self, root: &ClusterRoot, seed: Option<&str>) {
         let mut c = node_cmd(&self.ns, &self.dir);
         c.args(["--listen-api", &format!("{}:9100", self.addr)])
+            .args(&self.global_args)
             .args([
                 "serve",
                 "--wg-interface",
