@@ -278,6 +278,25 @@ impl Cluster {
                         },
                     );
                 }
+                Output::Stream { to, op } => {
+                    // A reliable stream: never lost, delivered as a one-op push.
+                    let Some(j) = self.index_of(&to) else {
+                        continue;
+                    };
+                    if self.reachable(i, j) {
+                        let d = super::wire::Datagram::Ops(vec![super::wire::Blob(op)]);
+                        let at = now + self.delay();
+                        let bytes = super::wire::encode(&d);
+                        self.enqueue(
+                            at,
+                            Msg::Datagram {
+                                from: i,
+                                to: j,
+                                bytes,
+                            },
+                        );
+                    }
+                }
                 Output::Request { to, id, req } => {
                     let at = now + self.delay();
                     match self.index_of(&to) {
@@ -440,7 +459,7 @@ mod tests {
 
     #[test]
     fn ten_servers_converge() {
-        for push in [Push::All, Push::Fanout { k: 4 }] {
+        for push in [Push::All, Push::Fanout { k: 4 }, Push::Streams] {
             let c = converges(10, push, NetConfig::default(), 100, 2);
             assert_eq!(c.core(3).counters().ops_rejected, 0);
         }

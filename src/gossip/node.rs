@@ -211,6 +211,16 @@ pub struct Gossip {
     status: Arc<Mutex<GossipStatus>>,
     local: Arc<Notify>,
     endpoint: quinn::Endpoint,
+    udp: Arc<Mutex<UdpSent>>,
+}
+
+/// What quinn counted as sent in UDP datagrams by this node's gossip connections.
+#[derive(Default)]
+struct UdpSent {
+    /// Open connections, by stable id.
+    open: BTreeMap<usize, quinn::Connection>,
+    /// Totals of the connections that closed: (datagrams, bytes).
+    closed: (u64, u64),
 }
 
 impl Gossip {
@@ -228,6 +238,17 @@ impl Gossip {
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.endpoint.local_addr().ok()
+    }
+
+    /// UDP datagrams and bytes sent on the authenticated gossip connections since start
+    /// (quinn's `udp_tx`: every packet with its QUIC and crypto overhead, including ACKs,
+    /// keep-alives, streams and datagrams; closed connections included). For benchmarks.
+    pub fn udp_sent(&self) -> (u64, u64) {
+        let u = self.udp.lock().unwrap_or_else(|p| p.into_inner());
+        u.open.values().fold(u.closed, |(d, b), c| {
+            let s = c.stats().udp_tx;
+            (d + s.datagrams, b + s.bytes)
+        })
     }
 
     /// Closes every connection.
@@ -249,6 +270,10 @@ enum Event {
     Datagram {
         from: PublicKey,
         bytes: Bytes,
+    },
+    StreamOp {
+        from: PublicKey,
+        op: Vec<u8>,
     },
     Response {
         id: u64,
@@ -325,6 +350,7 @@ pub fn start<H: StoreHost>(
         ..GossipStatus::default()
     }));
     let local = Arc::new(Notify::new());
+    let udp = Arc::new(Mutex::new(UdpSent::default()));
     let me_id = ServerId {
         key: me,
         addr: advertise,
@@ -342,11 +368,13 @@ pub fn start<H: StoreHost>(
         status.clone(),
         local.clone(),
         revoked,
+        udp.clone(),
     ));
     Ok(Gossip {
         status,
         local,
         endpoint,
+        udp,
     })
 }
 
@@ -406,6 +434,7 @@ async fn core_loop<H: StoreHost>(
     status: Arc<Mutex<GossipStatus>>,
     local: Arc<Notify>,
     revoked: Revoked,
+    udp: Arc<Mutex<UdpSent>>,
 ) {
     let mut conns: BTreeMap<PublicKey, quinn::Connection> = BTreeMap::new();
     let mut dialing: BTreeSet<String> = BTreeSet::new();
@@ -428,16 +457,28 @@ async fn core_loop<H: StoreHost>(
                             old.close(quinn::VarInt::from_u32(close::SHUTDOWN), b"replaced");
                         }
                         dialing.remove(&id.addr);
+                        udp.lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .open
+                            .insert(conn.stable_id(), conn.clone());
                         spawn_conn_tasks(ctx.clone(), id.key, conn);
                         core.peer_up(id, max, now);
                     }
                     Event::Down { key, stable_id } => {
+                        let mut u = udp.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Some(c) = u.open.remove(&stable_id) {
+                            let s = c.stats().udp_tx;
+                            u.closed.0 += s.datagrams;
+                            u.closed.1 += s.bytes;
+                        }
+                        drop(u);
                         if conns.get(&key).is_some_and(|c| c.stable_id() == stable_id) {
                             conns.remove(&key);
                             core.peer_down(&key, now);
                         }
                     }
                     Event::Datagram { from, bytes } => core.handle_datagram(from, &bytes, now),
+                    Event::StreamOp { from, op } => core.handle_stream_op(from, op, now),
                     Event::Response { id, resp } => core.handle_response(id, resp, now),
                     Event::Submitted { via, ops, outcomes } => core.submitted(via, ops, outcomes, now),
                     Event::Dialed { seed, key } => {
@@ -504,6 +545,11 @@ async fn core_loop<H: StoreHost>(
                     }
                     None => core.datagram_dropped(),
                 },
+                Output::Stream { to, op } => {
+                    if let Some(c) = conns.get(&to) {
+                        tokio::spawn(send_stream_op(c.clone(), op));
+                    }
+                }
                 Output::Request { to, id, req } => match conns.get(&to) {
                     Some(c) => {
                         tokio::spawn(request(ctx.clone(), c.clone(), id, req));
@@ -768,11 +814,34 @@ fn spawn_conn_tasks<H: StoreHost>(ctx: Arc<Ctx<H>>, key: PublicKey, conn: quinn:
             stable_id: c.stable_id(),
         });
     });
+    let c = conn.clone();
+    let cx = ctx.clone();
+    tokio::spawn(async move {
+        // One op per unidirectional stream (`Push::Streams`, the benchmark's naive baseline).
+        while let Ok(mut recv) = c.accept_uni().await {
+            let events = cx.events.clone();
+            tokio::spawn(async move {
+                if let Ok(op) = read_frame(&mut recv, wire::MAX_DATAGRAM_BYTES).await {
+                    let _ = events.send(Event::StreamOp { from: key, op });
+                }
+            });
+        }
+    });
     tokio::spawn(async move {
         while let Ok((send, recv)) = conn.accept_bi().await {
             tokio::spawn(serve_stream(ctx.clone(), send, recv));
         }
     });
+}
+
+/// Sends one op on its own unidirectional stream; a failure is left to anti-entropy.
+async fn send_stream_op(conn: quinn::Connection, op: Vec<u8>) {
+    let Ok(mut send) = conn.open_uni().await else {
+        return;
+    };
+    if write_frame(&mut send, &op).await.is_ok() {
+        let _ = send.finish();
+    }
 }
 
 async fn serve_stream<H: StoreHost>(
