@@ -182,6 +182,20 @@ impl Drop for Netns {
         {
             let _ = std::fs::remove_file(format!("/var/run/wireguard/{ifname}.sock"));
         }
+        // Also the sockets of devices a process under test made itself (for example a server's
+        // second interface): a wireguard-go killed below would leave its socket file behind.
+        for pid in self.pids() {
+            let argv = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = argv.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
+            if let (Some(prog), Some(ifname)) = (args.first(), args.last())
+                && prog.ends_with(b"wireguard-go")
+                && args.len() > 1
+                && ifname.iter().all(|b| b.is_ascii_graphic() && *b != b'/')
+            {
+                let ifname = String::from_utf8_lossy(ifname);
+                let _ = std::fs::remove_file(format!("/var/run/wireguard/{ifname}.sock"));
+            }
+        }
         for _ in 0..100 {
             if self.pids().is_empty() {
                 break;
