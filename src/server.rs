@@ -594,6 +594,8 @@ async fn reconcile_loop(mut plane: Plane, state: Arc<ApiState>, mut worker: Peer
         let drift = tokio::time::Instant::now() + DRIFT_CHECK;
         loop {
             tokio::select! {
+                // A waiting join first; an observation only when none is.
+                biased;
                 r = worker.requested.wait_for(|v| *v > applied) => {
                     if r.is_err() { return }
                     full = false;

@@ -418,6 +418,9 @@ pub(super) struct Replica {
     heads: std::collections::BTreeMap<PublicKey, u64>,
 }
 
+/// How long the first join of a batch waits for more to share its commit.
+pub const JOIN_LINGER: Duration = Duration::from_millis(2);
+
 /// Most joins committed in one write transaction (one fsync).
 pub const MAX_JOIN_BATCH: usize = 256;
 
@@ -451,8 +454,13 @@ fn run_committer(state: std::sync::Weak<ApiState>, rx: std::sync::mpsc::Receiver
     let mut replica = None;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
+        // Joins come in bursts (devices enrolled together, agents restarting): the first one
+        // waits up to JOIN_LINGER for the rest, which then share its fsync and its reconcile
+        // instead of waiting for both to finish first.
+        let linger_until = std::time::Instant::now() + JOIN_LINGER;
         while batch.len() < MAX_JOIN_BATCH {
-            match rx.try_recv() {
+            let left = linger_until.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
                 Ok(p) => batch.push(p),
                 Err(_) => break,
             }
