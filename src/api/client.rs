@@ -203,13 +203,15 @@ impl PinnedClient {
         hostname: Option<&str>,
         setup_key: Option<&str>,
     ) -> Result<JoinResponse> {
-        let proof = self.proof(key).await?;
+        // Challenge and join over one connection: one TLS handshake per join for the server.
+        let mut conn = self.connect().await?;
+        let proof = conn.proof(key).await?;
         let mut body =
             serde_json::json!({ "proof": proof, "wg_pubkey": wg_pubkey, "hostname": hostname });
         if let Some(k) = setup_key {
             body["setup_key"] = serde_json::Value::String(k.to_owned());
         }
-        self.post("/api/join", &body).await?.json()
+        conn.post("/api/join", &body).await?.json()
     }
 }
 
