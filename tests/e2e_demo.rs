@@ -2,22 +2,22 @@
 //! and four clients in namespaces, its status tables show converged state hashes and
 //! same-group pings across servers answering (and across groups blocked), it exits cleanly
 //! when the duration is over, and it leaves nothing behind: no namespace, no interface, no UAPI
-//! socket, no process, no directory.
+//! socket, no process, no directory. With `LN_E2E_DATAPLANE=kernel` it runs on kernel WireGuard
+//! (inside User-Mode Linux: tests/uml/run-kernel-tests.sh).
 
 use std::process::Command;
 
 #[test]
 fn demo_runs_converges_pings_across_servers_and_cleans_up() {
+    // `LN_E2E_DATAPLANE=kernel` (inside User-Mode Linux) runs it on kernel WireGuard.
+    let dataplane = match std::env::var("LN_E2E_DATAPLANE").as_deref() {
+        Ok("kernel") => "kernel",
+        Ok("userspace") | Err(_) => "userspace",
+        Ok(other) => panic!("LN_E2E_DATAPLANE must be kernel or userspace, not {other:?}"),
+    };
     let child = Command::new(env!("CARGO_BIN_EXE_lemonade-nexus"))
-        .args([
-            "--config",
-            "/dev/null",
-            "demo",
-            "--for",
-            "20s",
-            "--interval",
-            "2",
-        ])
+        .args(["--config", "/dev/null", "--dataplane", dataplane])
+        .args(["demo", "--for", "20s", "--interval", "2"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -6,6 +6,7 @@
 #   netlink/tests/netns_kernel.rs  the backend-generic namespace scenario, kernel backend
 #   tests/e2e_three_clients.rs  the product's scenario (serve + three agents), kernel backend
 #   tests/e2e_cluster.rs        three servers: convergence, backbone, cross-server clients
+#   tests/e2e_demo.rs           `lemonade-nexus demo --for 20s`
 #
 # The test binaries are built on the host (cargo test --no-run) and run unchanged in the guest,
 # which sees the host's files through hostfs. One guest boot runs them all. Exits non-zero if any
@@ -58,9 +59,18 @@ if [ \$# -gt 1 ]; then shift; exec "$CLUSTER_BIN" --test-threads=1 "\$@"; fi
 exec "$CLUSTER_BIN" --test-threads=1 --exact backbone_full_mesh_and_revocation cluster_converges_and_clients_of_different_servers_talk
 EOF
 chmod +x "$CLUSTER_WRAPPER"
+# `lemonade-nexus demo --for 20s` (tests/e2e_demo.rs) on kernel WireGuard.
+DEMO_BIN=$(cargo test -j2 --test e2e_demo --no-run --message-format=json 2>/dev/null \
+    | grep -o '"executable":"[^"]*"' | sed 's/"executable":"\(.*\)"/\1/' \
+    | grep '/e2e_demo-' | head -1 || true)
+if [ -z "$DEMO_BIN" ]; then
+    echo "run-kernel-tests: tests/e2e_demo.rs did not build" >&2
+    exit 1
+fi
 BINS="$BINS
 $ROOT_BIN
-$CLUSTER_WRAPPER"
+$CLUSTER_WRAPPER
+$DEMO_BIN"
 export LN_E2E_DATAPLANE=kernel
 echo "$BINS" | sed 's|^|   |'
 
