@@ -6,8 +6,8 @@
 //! (temp dir, real redb with fsync) and its own QUIC endpoint on 127.0.0.1, through the real driver
 //! (`lemonade_nexus::gossip::node`, one current-thread tokio runtime plus the driver's store
 //! thread); no WireGuard, no API. Every server is admitted by a root-signed certificate (checked
-//! in each Hello) and appends its AdmitServer op first; servers 1..N dial server 0 and find the
-//! rest through SWIM. The parent drives the children over stdin/stdout lines:
+//! in each Hello) and appends its AdmitServer op first; each server dials the ones started before
+//! it (SWIM then sees a full mesh). The parent drives the children over stdin/stdout lines:
 //! `append` -> `appended <seq> <t_ns>`, `status` -> `status <connected> <origins>`,
 //! `stats` -> `stats <udp datagrams> <udp bytes> <payload bytes>`, `hash` -> `hash <hex>`,
 //! `quit`; and each child prints `arr <origin> <head> <t_ns>` as soon as ops from a peer are
@@ -41,7 +41,7 @@
 //! Prints one JSON line per (N, strategy) and writes `target/bench-results/gossip_convergence.json`:
 //! `rows: [{servers, ops, p50_ms, p99_ms, bytes_per_server_per_op, naive_p50_ms, naive_p99_ms,
 //! naive_bytes_per_server_per_op, fanout_*, ...}]` (`p*` and `bytes*` are the default strategy).
-//! Knobs: `LEMONADE_BENCH_QUICK=1` (50 ops at N = 3 and 10, 30 ops at N = 30),
+//! Knobs: `LEMONADE_BENCH_QUICK=1` (50 ops at N = 3 and 10, 60 ops at N = 30),
 //! `GOSSIP_BENCH_OPS=n` (every N), `GOSSIP_BENCH_SIZES=3,10` (which N).
 
 use std::collections::{BTreeMap, HashMap};
@@ -396,15 +396,15 @@ fn measure(n: usize, push: Push, ops: usize) -> Measured {
         rx: arx,
         seen: HashMap::new(),
     };
-    let mut procs = vec![Proc::spawn(0, push, "", atx.clone())];
-    let seed_addr = procs[0].wait_for("ready")[0].clone();
-    for i in 1..n {
-        procs.push(Proc::spawn(i, push, &seed_addr, atx.clone()));
+    // Each server is given the addresses of those started before it as seeds (a full mesh
+    // at once, instead of waiting for SWIM to introduce 30 servers).
+    let mut procs: Vec<Proc> = Vec::new();
+    let mut addrs: Vec<String> = Vec::new();
+    for i in 0..n {
+        procs.push(Proc::spawn(i, push, &addrs.join(","), atx.clone()));
+        addrs.push(procs[i].wait_for("ready")[0].clone());
     }
     drop(atx);
-    for p in &mut procs[1..] {
-        p.wait_for("ready");
-    }
     // Everyone connected to everyone, every AdmitServer op everywhere.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -498,7 +498,7 @@ fn main() {
         let ops = ops_env.unwrap_or(match (quick, n >= 30) {
             (false, _) => 200,
             (true, false) => 50,
-            (true, true) => 30,
+            (true, true) => 60,
         });
         let mut row = serde_json::json!({ "servers": n, "ops": ops, "push": push_arg(chosen) });
         for (name, push) in strategies {
