@@ -757,7 +757,10 @@ mod tests {
         assert!(row.contains("192.0.2.7:40000"), "{row}");
         assert!(row.contains("1m 15s ago"), "{row}");
         assert!(row.contains("1.5 KiB"), "{row}");
-        assert!(row.contains("online"), "a handshake 75 s ago is online: {row}");
+        assert!(
+            row.contains("online"),
+            "a handshake 75 s ago is online: {row}"
+        );
         let never = text.lines().find(|l| l.contains("never")).expect(&text);
         assert!(never.contains("offline"), "{never}");
         assert!(text.contains("ln-client (userspace)"), "{text}");
