@@ -21,15 +21,15 @@
 //!   against loss (each server receives an op about k times), but O(log N) hops and about k·N
 //!   copies per op, and with k = 4 about e^-4 ≈ 2 % of servers miss an op and wait for
 //!   anti-entropy.
-//!
 //! * [`Push::Streams`] (the naive baseline of the benchmark, never the default): what a
 //!   straightforward implementation does: the origin sends each op to every peer on its own
 //!   reliable QUIC stream (one unidirectional stream per op per peer), no packing, no datagrams.
 //!
-//! Measured (`benches/gossip_convergence.rs`, real QUIC on loopback, N = 3, 10, 30), `All`
-//! reaches every server faster at every N and with 4-6x fewer bytes; fanout's tail at N = 30 is
-//! set by anti-entropy. So `All` is the default; `Fanout` stays a parameter for much larger or
-//! lossier clusters and for the comparison.
+//! Measured (`benches/gossip_convergence.rs`, one process per server, real QUIC on loopback,
+//! N = 3, 10, 30), `All` reaches every server faster than `Fanout` at every N with 2-5x fewer
+//! bytes (fanout's tail at N = 30 is set by anti-entropy), and slightly faster than `Streams`
+//! with fewer UDP datagrams and bytes. So `All` is the default; `Fanout` stays a parameter for
+//! much larger or lossier clusters, `Streams` is the benchmark's naive baseline.
 //!
 //! **Anti-entropy.** Every `anti_entropy_ms` (1 s), immediately when a peer comes up, a server
 //! sends its per-origin heads to one random peer on a stream ([`Request::Heads`]); the answer is
@@ -61,7 +61,7 @@ use crate::store::{StoreError, Submitted};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Push {
-    /// The origin sends to every peer; no forwarding (the naive baseline).
+    /// The origin packs ops into datagrams for every peer; no forwarding (the default).
     All,
     /// The origin sends to `k` random peers; receivers forward new ops to `k` random peers.
     Fanout { k: usize },
