@@ -805,10 +805,10 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
     writeln!(
         out,
         "lemonade-nexus serve: {}",
-        if fresh {
-            "genesis: new cluster"
-        } else {
-            "existing cluster"
+        match (fresh, args.seed_peers.is_empty()) {
+            (true, true) => "genesis: new cluster",
+            (true, false) => "new server joining the cluster through its seed peers",
+            (false, _) => "existing cluster",
         }
     )?;
     writeln!(out, "server key:     {}", state.server.public())?;
@@ -839,7 +839,10 @@ async fn serve_async(cfg: &Config, args: ServeArgs, out: &mut dyn std::io::Write
     if private_addrs.is_empty() {
         writeln!(out, "private API:    off (no dataplane, no tunnel)")?;
     } else {
-        let urls: Vec<String> = private_addrs.iter().map(|a| format!("https://{a}")).collect();
+        let urls: Vec<String> = private_addrs
+            .iter()
+            .map(|a| format!("https://{a}"))
+            .collect();
         writeln!(out, "private API:    {} (tunnel only)", urls.join(" "))?;
     }
     writeln!(out, "TLS pin:        {}", cert.pin)?;

@@ -232,6 +232,97 @@ mod tests {
         }
     }
 
+    /// The partition repair a client sees: two servers leased the same address in the same
+    /// block while partitioned; after the merge the later claim loses with its lease, and the
+    /// losing device's next join (its agent re-joins every round) gets a fresh address from
+    /// a block its server holds, distinct from the winner's.
+    #[test]
+    fn a_device_whose_lease_lost_a_partition_conflict_is_re_leased_by_its_next_join() {
+        use crate::ipam::IpamOp;
+        let a = NodeKey::from_seed(&[1; 32]).public();
+        let b = NodeKey::from_seed(&[4; 32]).public();
+        let mut state = State::new(a);
+        let at = |wall_ms| Hlc {
+            wall_ms,
+            logical: 0,
+        };
+        fold(&mut state, &a, 1, &[crate::testkit::grant_admin(b)], 500);
+        // Both sides of the partition plan from the same state.
+        let px = plan_join(&state, &a, 2, &req(2), Registration::Open, at(1_000)).expect("x");
+        let py = plan_join(&state, &b, 1, &req(3), Registration::Open, at(1_000)).expect("y");
+        let claim = |p: &JoinPlan| {
+            p.ops.iter().find_map(|o| match o {
+                OpBody::Ipam(IpamOp::ClaimBlock { block }) => Some(*block),
+                _ => None,
+            })
+        };
+        // Force the rare collision: B claims A's block and leases A's slot.
+        let (block, slot) = (
+            claim(&px).expect("x claims a block"),
+            px.ops
+                .iter()
+                .find_map(|o| match o {
+                    OpBody::Ipam(IpamOp::AllocateAddress { slot, .. }) => Some(*slot),
+                    _ => None,
+                })
+                .expect("x leases"),
+        );
+        let y_ops: Vec<OpBody> = py
+            .ops
+            .iter()
+            .map(|o| match o {
+                OpBody::Ipam(IpamOp::ClaimBlock { .. }) => {
+                    OpBody::Ipam(IpamOp::ClaimBlock { block })
+                }
+                OpBody::Ipam(IpamOp::AllocateAddress { node, .. }) => {
+                    OpBody::Ipam(IpamOp::AllocateAddress { node: *node, slot })
+                }
+                o => o.clone(),
+            })
+            .collect();
+        // The merge: A's ops sort first (lower HLC), so B's claim and lease have no effect.
+        for (i, body) in px.ops.iter().enumerate() {
+            let op = Op {
+                origin: a,
+                seq: 2 + i as u64,
+                hlc: at(1_000 + i as u64),
+                author: a,
+                body: body.clone(),
+            };
+            state.apply(&op).expect("x applies");
+        }
+        for (i, body) in y_ops.iter().enumerate() {
+            let op = Op {
+                origin: b,
+                seq: 1 + i as u64,
+                hlc: at(2_000 + i as u64),
+                author: b,
+                body: body.clone(),
+            };
+            let refused = matches!(body, OpBody::Ipam(_));
+            assert_eq!(state.apply(&op).is_err(), refused, "{body:?}");
+        }
+        let x_addr = state.ipam().tunnel_address(&px.node).expect("x kept it");
+        assert_eq!(x_addr.slot, slot);
+        assert_eq!(state.ipam().tunnel_address(&py.node), None, "y lost it");
+        // y's agent re-joins through B: same node, a new lease in another block.
+        let again = plan_join(
+            &state,
+            &b,
+            1 + y_ops.len() as u64,
+            &req(3),
+            Registration::Open,
+            at(3_000),
+        )
+        .expect("rejoin");
+        assert!(again.existing);
+        assert_eq!(again.node, py.node);
+        assert_ne!(claim(&again), Some(block));
+        fold(&mut state, &b, 1 + y_ops.len() as u64, &again.ops, 3_000);
+        let y_addr = state.ipam().tunnel_address(&py.node).expect("y re-leased");
+        assert_ne!(y_addr.v4, x_addr.v4);
+    }
+
     #[test]
     fn open_registration_places_each_device_in_its_own_group_with_its_own_address() {
         let server = NodeKey::from_seed(&[1; 32]).public();
