@@ -27,9 +27,10 @@
 //!
 //! Measured (`benches/gossip_convergence.rs`, one process per server, real QUIC on loopback,
 //! N = 3, 10, 30), `All` reaches every server faster than `Fanout` at every N with 2-5x fewer
-//! bytes (fanout's tail at N = 30 is set by anti-entropy), and slightly faster than `Streams`
-//! with fewer UDP datagrams and bytes. So `All` is the default; `Fanout` stays a parameter for
-//! much larger or lossier clusters, `Streams` is the benchmark's naive baseline.
+//! bytes (fanout's tail at N = 30 is set by anti-entropy), and as fast as `Streams` (within
+//! run-to-run noise) with 7-10 % fewer UDP bytes and 35-50 % fewer UDP datagrams. So `All` is
+//! the default; `Fanout` stays a parameter for much larger or lossier clusters, `Streams` is the
+//! benchmark's naive baseline.
 //!
 //! **Anti-entropy.** Every `anti_entropy_ms` (1 s), immediately when a peer comes up, a server
 //! sends its per-origin heads to one random peer on a stream ([`Request::Heads`]); the answer is
