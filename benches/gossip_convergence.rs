@@ -17,7 +17,9 @@
 //! processes of the machine. An op's time to all N = (latest commit time of the op among the
 //! other N-1 servers) - (time its origin's local append was committed and the node notified).
 //! Ops are sequential: a random server appends one op (a new customer node), the parent waits
-//! until every other server committed it, then the next op.
+//! until every other server committed it, then the next op. A second phase does the same with
+//! bursts of 32 ops appended in one commit (time until every server holds the last of them,
+//! bytes per op of the burst phase, `burst_*`): where packing many ops per datagram matters.
 //!
 //! **Strategies**, on fresh clusters one after the other in the same run:
 //! * `default`: the product default (`CoreConfig::default().push`, `Push::All`): the origin packs
@@ -41,7 +43,7 @@
 //! Prints one JSON line per (N, strategy) and writes `target/bench-results/gossip_convergence.json`:
 //! `rows: [{servers, ops, p50_ms, p99_ms, bytes_per_server_per_op, naive_p50_ms, naive_p99_ms,
 //! naive_bytes_per_server_per_op, fanout_*, ...}]` (`p*` and `bytes*` are the default strategy).
-//! Knobs: `LEMONADE_BENCH_QUICK=1` (50 ops at N = 3 and 10, 60 ops at N = 30),
+//! Knobs: `LEMONADE_BENCH_QUICK=1` (50 ops at N = 3 and 10, 60 ops at N = 30; 5 bursts, else 20),
 //! `GOSSIP_BENCH_OPS=n` (every N), `GOSSIP_BENCH_SIZES=3,10` (which N).
 
 use std::collections::{BTreeMap, HashMap};
@@ -192,21 +194,27 @@ fn child() {
         });
         let mut n = 0u64;
         while let Some(cmd) = rx.recv().await {
-            match cmd.trim() {
-                "append" => {
-                    n += 1;
+            // `append`: one op; `burst K`: K ops in one commit. Answers the last seq.
+            let count: Option<usize> = match cmd.trim().strip_prefix("burst ") {
+                Some(k) => Some(k.parse().expect("burst size")),
+                None => (cmd.trim() == "append").then_some(1),
+            };
+            match (count, cmd.trim()) {
+                (Some(k), _) => {
+                    let batch: Vec<_> = (0..k)
+                        .map(|_| {
+                            n += 1;
+                            let body =
+                                testkit::create(NodeId::ROOT, &format!("s{seed}-{n}"), false);
+                            (me, body, None)
+                        })
+                        .collect();
                     let seq = host.with_store(|s| {
-                        match s
-                            .append_local(
-                                &key,
-                                me,
-                                testkit::create(NodeId::ROOT, &format!("s{seed}-{n}"), false),
-                                None,
-                                testkit::now_ms(),
-                            )
-                            .expect("append")
-                        {
-                            Submitted::Appended { seq, .. } => seq,
+                        let results = s
+                            .append_local_batch(&key, batch, testkit::now_ms())
+                            .expect("append");
+                        match results.last() {
+                            Some(Ok(Submitted::Appended { seq, .. })) => *seq,
                             other => panic!("not appended: {other:?}"),
                         }
                     });
@@ -214,18 +222,18 @@ fn child() {
                     gossip.notify_local();
                     println!("appended {} {t}", seq.expect("store"));
                 }
-                "status" => {
+                (None, "status") => {
                     let connected = gossip.status().peers.iter().filter(|p| p.connected).count();
                     let origins = host.with_store(|s| s.heads().len()).expect("store");
                     println!("status {connected} {origins}");
                 }
-                "stats" => println!("stats {}", stats_line(&gossip)),
-                "hash" => {
+                (None, "stats") => println!("stats {}", stats_line(&gossip)),
+                (None, "hash") => {
                     let h = host.with_store(|s| s.state_hash()).expect("store");
                     println!("hash {}", hex::encode(h));
                 }
-                "quit" => break,
-                other => eprintln!("gossip bench child: unknown command {other:?}"),
+                (None, "quit") => break,
+                (None, other) => eprintln!("gossip bench child: unknown command {other:?}"),
             }
         }
         gossip.shutdown();
@@ -380,6 +388,44 @@ struct Measured {
     payload_bytes: f64,
     idle_udp_bytes_per_s: f64,
     setup_s: f64,
+    /// Bursts of [`BURST`] ops in one commit: time until every server holds the last one.
+    burst_p50_ms: f64,
+    burst_p99_ms: f64,
+    burst_udp_bytes: f64,
+    burst_udp_datagrams: f64,
+}
+
+/// Ops per burst (one commit at one origin), in the burst phase.
+const BURST: usize = 32;
+
+/// `rounds` times: a random server runs `cmd` (`append` or `burst K`); waits until every other
+/// server committed the last op; returns the sorted times (ms).
+fn phase(procs: &mut [Proc], arrivals: &mut Arrivals, rounds: usize, cmd: &str) -> Vec<f64> {
+    let n = procs.len();
+    let mut lat = Vec::with_capacity(rounds);
+    let mut pick = 7u64;
+    for _ in 0..rounds {
+        pick = pick
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let i = (pick >> 33) as usize % n;
+        let w = procs[i].ask(cmd, "appended");
+        let seq: u64 = w[0].parse().expect("seq");
+        let t0: u64 = w[1].parse().expect("time");
+        let origin = procs[i].key.clone();
+        let others: Vec<usize> = (0..n).filter(|j| *j != i).collect();
+        arrivals.until(Duration::from_secs(30), |a| {
+            others.iter().all(|j| a.time_of(*j, &origin, seq).is_some())
+        });
+        let last = others
+            .iter()
+            .filter_map(|j| arrivals.time_of(*j, &origin, seq))
+            .max()
+            .expect("n > 1");
+        lat.push(last.saturating_sub(t0) as f64 / 1e6);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    lat
 }
 
 fn total(procs: &mut [Proc]) -> [u64; 3] {
@@ -389,7 +435,7 @@ fn total(procs: &mut [Proc]) -> [u64; 3] {
     })
 }
 
-fn measure(n: usize, push: Push, ops: usize) -> Measured {
+fn measure(n: usize, push: Push, ops: usize, bursts: usize) -> Measured {
     let started = Instant::now();
     let (atx, arx) = channel();
     let mut arrivals = Arrivals {
@@ -430,39 +476,22 @@ fn measure(n: usize, push: Push, ops: usize) -> Measured {
     let idle_udp_bytes_per_s =
         (before[1] - idle0[1]) as f64 / n as f64 / idle_t0.elapsed().as_secs_f64();
 
-    let mut lat = Vec::with_capacity(ops);
-    let mut pick = 7u64;
-    for _ in 0..ops {
-        pick = pick
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let i = (pick >> 33) as usize % n;
-        let w = procs[i].ask("append", "appended");
-        let seq: u64 = w[0].parse().expect("seq");
-        let t0: u64 = w[1].parse().expect("time");
-        let origin = procs[i].key.clone();
-        let others: Vec<usize> = (0..n).filter(|j| *j != i).collect();
-        arrivals.until(Duration::from_secs(30), |a| {
-            others.iter().all(|j| a.time_of(*j, &origin, seq).is_some())
-        });
-        let last = others
-            .iter()
-            .filter_map(|j| arrivals.time_of(*j, &origin, seq))
-            .max()
-            .expect("n > 1");
-        lat.push(last.saturating_sub(t0) as f64 / 1e6);
-    }
+    let lat = phase(&mut procs, &mut arrivals, ops, "append");
     // Let the last packets (ACKs, forwards, anti-entropy) go out before reading the counters.
     std::thread::sleep(Duration::from_millis(600));
     let after = total(&mut procs);
+    let burst_lat = phase(&mut procs, &mut arrivals, bursts, &format!("burst {BURST}"));
+    std::thread::sleep(Duration::from_millis(600));
+    let after_bursts = total(&mut procs);
     let hashes: Vec<Vec<String>> = procs.iter_mut().map(|p| p.ask("hash", "hash")).collect();
     assert!(
         hashes.iter().all(|h| *h == hashes[0]),
         "all servers hold the same state"
     );
     drop(procs);
-    lat.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     let per = |i: usize| (after[i] - before[i]) as f64 / n as f64 / ops as f64;
+    let burst_ops = (bursts * BURST) as f64;
+    let per_burst = |i: usize| (after_bursts[i] - after[i]) as f64 / n as f64 / burst_ops;
     Measured {
         p50_ms: percentile(&lat, 0.5),
         p99_ms: percentile(&lat, 0.99),
@@ -471,6 +500,10 @@ fn measure(n: usize, push: Push, ops: usize) -> Measured {
         payload_bytes: per(2),
         idle_udp_bytes_per_s,
         setup_s,
+        burst_p50_ms: percentile(&burst_lat, 0.5),
+        burst_p99_ms: percentile(&burst_lat, 0.99),
+        burst_udp_bytes: per_burst(1),
+        burst_udp_datagrams: per_burst(0),
     }
 }
 
@@ -500,9 +533,10 @@ fn main() {
             (true, false) => 50,
             (true, true) => 60,
         });
+        let bursts = if quick { 5 } else { 20 };
         let mut row = serde_json::json!({ "servers": n, "ops": ops, "push": push_arg(chosen) });
         for (name, push) in strategies {
-            let m = measure(n, push, ops);
+            let m = measure(n, push, ops, bursts);
             println!(
                 "{}",
                 serde_json::json!({
@@ -518,6 +552,12 @@ fn main() {
                     "payload_bytes_per_server_per_op": m.payload_bytes,
                     "idle_udp_bytes_per_server_per_s": m.idle_udp_bytes_per_s,
                     "setup_s": m.setup_s,
+                    "burst_ops": BURST,
+                    "bursts": bursts,
+                    "burst_p50_ms": m.burst_p50_ms,
+                    "burst_p99_ms": m.burst_p99_ms,
+                    "burst_udp_bytes_per_server_per_op": m.burst_udp_bytes,
+                    "burst_udp_datagrams_per_server_per_op": m.burst_udp_datagrams,
                 })
             );
             let prefix = if name == "default" {
@@ -533,6 +573,13 @@ fn main() {
                 ("udp_datagrams_per_server_per_op", m.udp_datagrams),
                 ("payload_bytes_per_server_per_op", m.payload_bytes),
                 ("idle_udp_bytes_per_server_per_s", m.idle_udp_bytes_per_s),
+                ("burst_p50_ms", m.burst_p50_ms),
+                ("burst_p99_ms", m.burst_p99_ms),
+                ("burst_udp_bytes_per_server_per_op", m.burst_udp_bytes),
+                (
+                    "burst_udp_datagrams_per_server_per_op",
+                    m.burst_udp_datagrams,
+                ),
             ] {
                 r.insert(format!("{prefix}{k}"), v.into());
             }
