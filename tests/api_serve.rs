@@ -2,23 +2,15 @@
 //! given by `--admin-key` (and only at genesis), the API answers over pinned HTTPS on the printed
 //! join URL, and SIGTERM stops the server cleanly.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use lemonade_nexus::api::client::PinnedClient;
 use lemonade_nexus::identity::NodeKey;
 use lemonade_nexus::tls::JoinUrl;
 use serde_json::Value;
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod serve_common;
+use serve_common::{Proc, spawn_serve, stop};
 
 fn cmd(dir: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lemonade-nexus"));
@@ -33,46 +25,9 @@ fn cmd(dir: &std::path::Path) -> Command {
 
 /// Starts `serve` and returns it with the printed join URL.
 fn start(dir: &std::path::Path, extra: &[&str]) -> (Proc, JoinUrl) {
-    let mut child = cmd(dir)
-        .args(["serve", "--no-dataplane"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.strip_prefix("join URL:") {
-                let _ = tx.send(url.trim().to_owned());
-            }
-        }
-    });
-    let proc = Proc(child);
-    let url = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("serve printed its join URL");
-    (proc, JoinUrl::parse(&url).expect("join URL"))
-}
-
-/// Sends SIGTERM and waits for a clean exit (at most 15 s).
-fn stop(server: &mut Proc) {
-    // SAFETY: kill takes a pid and a signal number; the pid is our own live child.
-    let rc = unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
-    assert_eq!(rc, 0);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = server.0.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "serve did not stop within 15 s of SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "serve exited with {status}");
+    let mut c = cmd(dir);
+    c.args(["serve", "--no-dataplane"]).args(extra);
+    spawn_serve(c)
 }
 
 #[test]

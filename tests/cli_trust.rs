@@ -4,24 +4,17 @@
 //! state (a revoked server cannot start again). `serve --no-dataplane`: no WireGuard is needed to
 //! prove the trust rules; the dataplane variant is `e2e_trust_serve_with_wireguard` below.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use lemonade_nexus::tls::JoinUrl;
 use serde_json::Value;
 
 const PASSPHRASE: &str = "correct horse battery";
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod serve_common;
+use serve_common::{Proc, spawn_serve, stop};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lemonade-nexus"));
@@ -112,41 +105,7 @@ fn enroll(root_key: &Path, server: &str, id: &str, out: &Path) {
 fn start(dir: &Path, name: &str, extra: &[&str]) -> (Proc, JoinUrl) {
     let mut c = server_cmd(dir, name);
     c.args(["serve", "--no-dataplane"]).args(extra);
-    let mut child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.strip_prefix("join URL:") {
-                let _ = tx.send(url.trim().to_owned());
-            }
-        }
-    });
-    let proc = Proc(child);
-    let url = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("serve printed its join URL");
-    (proc, JoinUrl::parse(&url).expect("join URL"))
-}
-
-/// Sends SIGTERM and waits for a clean exit.
-fn stop(server: &mut Proc) {
-    // SAFETY: kill takes a pid and a signal number; the pid is our own live child.
-    let rc = unsafe { libc::kill(server.0.id() as i32, libc::SIGTERM) };
-    assert_eq!(rc, 0);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(s) = server.0.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "serve did not stop within 15 s");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "serve exited with {status}");
+    spawn_serve(c)
 }
 
 fn revoke_submit(root_key: &Path, server: &str, url: &JoinUrl, reason: &str) -> Output {

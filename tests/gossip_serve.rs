@@ -4,9 +4,8 @@
 //! when restarted it catches up with what happened while it was down, and once the root revokes
 //! it, its gossip connections are closed and its new handshakes refused.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use lemonade_nexus::api::client::PinnedClient;
@@ -15,14 +14,8 @@ use serde_json::Value;
 
 const PASSPHRASE: &str = "gossip test passphrase";
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+mod serve_common;
+use serve_common::{Proc, spawn_serve};
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_lemonade-nexus"));
@@ -99,25 +92,7 @@ fn start(dir: &Path, name: &str, port: u16, root: &str, seeds: &[u16]) -> (Proc,
     for s in seeds {
         c.args(["--seed-peer", &format!("127.0.0.1:{s}")]);
     }
-    let mut child = c
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.strip_prefix("join URL:") {
-                let _ = tx.send(url.trim().to_owned());
-            }
-        }
-    });
-    let proc = Proc(child);
-    let url = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("serve printed its join URL");
-    (proc, JoinUrl::parse(&url).expect("join URL"))
+    spawn_serve(c)
 }
 
 fn health(rt: &tokio::runtime::Runtime, url: &JoinUrl) -> Option<Value> {
