@@ -953,24 +953,8 @@ mod tests {
     use crate::api::join::{JoinRequest, plan_join};
     use crate::hlc::Hlc;
     use crate::identity::NodeKey;
-    use crate::op::Op;
 
-    fn apply_all(state: &mut State, server: &PublicKey, seq: &mut u64, ops: Vec<OpBody>) {
-        for body in ops {
-            *seq += 1;
-            let op = Op {
-                origin: *server,
-                seq: *seq,
-                hlc: Hlc {
-                    wall_ms: 1_000 + *seq,
-                    logical: 0,
-                },
-                author: *server,
-                body,
-            };
-            state.apply(&op).expect("applies");
-        }
-    }
+    use crate::testkit::apply_all;
 
     #[test]
     fn genesis_names_the_admin_once_and_only_at_genesis() {

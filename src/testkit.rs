@@ -58,6 +58,30 @@ pub fn release(node: NodeId) -> OpBody {
     OpBody::Ipam(IpamOp::ReleaseAddress { node })
 }
 
+/// Folds `ops` into `state` as authored by `server` itself, with seqs following `*seq` and HLC
+/// wall times `1_000 + seq`; panics if one is refused (for tests of what the fold accepts).
+pub fn apply_all(
+    state: &mut crate::state::State,
+    server: &PublicKey,
+    seq: &mut u64,
+    ops: Vec<OpBody>,
+) {
+    for body in ops {
+        *seq += 1;
+        let op = Op {
+            origin: *server,
+            seq: *seq,
+            hlc: Hlc {
+                wall_ms: 1_000 + *seq,
+                logical: 0,
+            },
+            author: *server,
+            body,
+        };
+        state.apply(&op).expect("applies");
+    }
+}
+
 /// A signed op authored by its origin (no author proof).
 pub fn sealed(origin: &NodeKey, seq: u64, hlc: Hlc, body: OpBody) -> Vec<u8> {
     let o = origin.public();

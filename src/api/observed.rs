@@ -195,25 +195,9 @@ mod tests {
     use crate::hlc::Hlc;
     use crate::identity::NodeKey;
     use crate::keys::PublicKey;
-    use crate::op::Op;
     use proptest::prelude::*;
 
-    fn apply_all(state: &mut State, server: &PublicKey, seq: &mut u64, ops: Vec<OpBody>) {
-        for body in ops {
-            *seq += 1;
-            let op = Op {
-                origin: *server,
-                seq: *seq,
-                hlc: Hlc {
-                    wall_ms: 1_000 + *seq,
-                    logical: 0,
-                },
-                author: *server,
-                body,
-            };
-            state.apply(&op).expect("applies");
-        }
-    }
+    use crate::testkit::apply_all;
 
     /// A state with devices 2 and 3 enrolled (WireGuard keys [2; 32], [3; 32]).
     fn enrolled() -> (State, PublicKey, u64, Vec<NodeId>) {
