@@ -11,18 +11,8 @@ use std::time::Duration;
 use lemonade_nexus::tls::JoinUrl;
 use serde_json::Value;
 
-const PASSPHRASE: &str = "correct horse battery";
-
 mod serve_common;
-use serve_common::{Proc, spawn_serve, stop};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_lemonade-nexus"));
-    c.env_clear()
-        .env("LEMONADE_NEXUS_CONFIG", "/dev/null")
-        .env("LEMONADE_NEXUS_ROOT_PASSPHRASE", PASSPHRASE);
-    c
-}
+use serve_common::{PASSPHRASE, Proc, bin, spawn_serve, stop};
 
 /// A server's directories: `<dir>/<name>/data` and its master key beside it.
 fn server_cmd(dir: &Path, name: &str) -> Command {

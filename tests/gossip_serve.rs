@@ -12,18 +12,8 @@ use lemonade_nexus::api::client::PinnedClient;
 use lemonade_nexus::tls::JoinUrl;
 use serde_json::Value;
 
-const PASSPHRASE: &str = "gossip test passphrase";
-
 mod serve_common;
-use serve_common::{Proc, spawn_serve};
-
-fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_lemonade-nexus"));
-    c.env_clear()
-        .env("LEMONADE_NEXUS_CONFIG", "/dev/null")
-        .env("LEMONADE_NEXUS_ROOT_PASSPHRASE", PASSPHRASE);
-    c
-}
+use serve_common::{Proc, bin, spawn_serve};
 
 fn server_cmd(dir: &Path, name: &str, gossip_port: u16) -> Command {
     let mut c = bin();

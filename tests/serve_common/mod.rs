@@ -1,5 +1,6 @@
 //! `serve` as a child process on loopback (no namespaces): start it, read its join URL, stop it
-//! cleanly. Shared by the loopback process tests (`api_serve`, `cli_trust`, `gossip_serve`).
+//! cleanly; the binary with a clean environment. Shared by the loopback process tests
+//! (`api_serve`, `cli_trust`, `gossip_serve`).
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::io::{BufRead, BufReader};
@@ -7,6 +8,18 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use lemonade_nexus::tls::JoinUrl;
+
+/// The root key passphrase the tests' `bin()` gives every command.
+pub const PASSPHRASE: &str = "correct horse battery";
+
+/// The `lemonade-nexus` binary with a clean environment: no config file, the test passphrase.
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lemonade-nexus"));
+    c.env_clear()
+        .env("LEMONADE_NEXUS_CONFIG", "/dev/null")
+        .env("LEMONADE_NEXUS_ROOT_PASSPHRASE", PASSPHRASE);
+    c
+}
 
 /// A child process killed (SIGKILL) and reaped when dropped, so a failing test leaves nothing.
 pub struct Proc(pub Child);
