@@ -331,8 +331,15 @@ impl Backbone {
     /// One round: append this server's missing backbone ops, then make the device and the link
     /// equal to the state.
     pub async fn reconcile(&self, state: &ApiState) -> Result<()> {
+        let desired = self.prepare(state)?;
+        self.apply(desired).await
+    }
+
+    /// Appends this server's missing backbone ops and returns the device and link the state
+    /// asks for (no I/O besides the store).
+    fn prepare(&self, state: &ApiState) -> Result<(DeviceConfig, LinkConfig)> {
         let me = state.server.public();
-        let snapshot = {
+        let desired = {
             let mut store = state.store.lock().unwrap_or_else(|p| p.into_inner());
             let ops = self_ops(store.state(), &me, self.endpoint);
             if !ops.is_empty() {
@@ -350,7 +357,7 @@ impl Backbone {
             }
             self.desired(store.state(), &me)
         };
-        self.apply(snapshot).await
+        Ok(desired)
     }
 
     /// The device and link this server's backbone should have in `state`.
@@ -381,17 +388,38 @@ impl Backbone {
     }
 
     /// Reconciles on every notification of `changed` and every [`POLL`]; never returns unless
-    /// the notifier is gone.
+    /// the notifier is gone. Every join notifies too, and joins rarely change the backbone: a
+    /// notified round whose desired backbone equals what the last round applied does no I/O.
+    /// A [`POLL`] round always dumps and diffs the device, which also corrects drift.
     async fn run(self, state: Arc<ApiState>, mut changed: watch::Receiver<u64>) {
+        let mut applied: Option<(DeviceConfig, LinkConfig)> = None;
+        let mut poll_round = true;
         loop {
             changed.borrow_and_update();
-            if let Err(e) = self.reconcile(&state).await {
+            let round = match self.prepare(&state) {
+                Ok(desired) if !poll_round && applied.as_ref() == Some(&desired) => Ok(()),
+                Ok(desired) => {
+                    applied = None;
+                    let r = self.apply(desired.clone()).await;
+                    if r.is_ok() {
+                        applied = Some(desired);
+                    }
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = round {
                 tracing::error!(error = %format!("{e:#}"), "backbone reconcile failed; retrying");
             }
-            tokio::select! {
-                r = changed.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(POLL) => {}
-            }
+            poll_round = tokio::select! {
+                r = changed.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    false
+                }
+                _ = tokio::time::sleep(POLL) => true,
+            };
         }
     }
 }
