@@ -193,6 +193,15 @@ impl State {
             .map(|(k, s)| (*k, s))
     }
 
+    /// The keys of revoked servers.
+    pub fn revoked_servers(&self) -> impl Iterator<Item = PublicKey> + '_ {
+        self.trust
+            .map()
+            .iter()
+            .filter(|(_, s)| s.revoked.is_some())
+            .map(|(k, _)| *k)
+    }
+
     /// True if `key` is admitted and not revoked.
     pub fn is_active_server(&self, key: &PublicKey) -> bool {
         self.trust.get(key).is_some_and(ServerStatus::is_active)

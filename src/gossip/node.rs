@@ -316,14 +316,7 @@ pub fn start<H: StoreHost>(
 ) -> Result<Gossip> {
     let (cluster, heads, revoked_now) = host
         .with_store(|s| {
-            let revoked: BTreeSet<PublicKey> = s
-                .state()
-                .trust()
-                .map()
-                .iter()
-                .filter(|(_, st)| st.revoked.is_some())
-                .map(|(k, _)| *k)
-                .collect();
+            let revoked: BTreeSet<PublicKey> = s.state().revoked_servers().collect();
             (
                 wire::cluster_id(&s.root(), s.state().ipam().config()),
                 s.heads().clone(),
@@ -582,11 +575,8 @@ fn housekeeping<H: StoreHost>(
         .host
         .with_store(|s| {
             s.state()
-                .trust()
-                .map()
-                .iter()
-                .filter(|(k, st)| st.revoked.is_some() && !set.contains(k))
-                .map(|(k, _)| *k)
+                .revoked_servers()
+                .filter(|k| !set.contains(k))
                 .collect()
         })
         .unwrap_or_default();
