@@ -16,10 +16,10 @@
 //!   [`backbone_device`]: one peer per *active* server other than itself that has a backbone
 //!   address, a WireGuard key and an endpoint; allowed IPs that server's backbone `/32`.
 //!
-//! "Active" is [`is_active_server`]: the server node's owner holds `admin` on the root. Admission
-//! (a server certificate folded into the state) gives a server that grant and revocation removes
-//! it with the backbone address, so a revoked server leaves every other server's backbone at the
-//! next reconcile.
+//! "Active" is [`State::is_active_server`] of the server node's owner: admitted by a server
+//! certificate folded into the state and not revoked. A revocation also removes the server's
+//! backbone address, so a revoked server leaves every other server's backbone at the next
+//! reconcile.
 //!
 //! The IO ([`Backbone`]) is thin: create the interface through the dataplane crate (kernel or
 //! userspace, the same backend as the client plane), put the backbone address with the prefix's
@@ -94,21 +94,6 @@ pub fn own_server_node(state: &State, me: &PublicKey) -> Option<NodeId> {
         .map(|n| n.id)
 }
 
-/// Whether the server node `node` belongs to an admitted, unrevoked server: its owner holds
-/// `admin` on the root (what admission, `AdmitServer`, grants and revocation takes away; a
-/// genesis server whose key is the root holds it as trust anchor) and is not revoked.
-pub fn is_active_server(state: &State, node: &NodeId) -> bool {
-    let Some(n) = state.tree().get(node) else {
-        return false;
-    };
-    let Some(owner) = n.owner else {
-        return false;
-    };
-    n.kind == NodeKind::Server
-        && !state.is_revoked(&owner)
-        && crate::authz::authorize(state.tree(), &owner, Permission::Admin, NodeId::ROOT).is_ok()
-}
-
 /// The other active servers that can be backbone peers (a backbone address, a WireGuard key and
 /// a parseable endpoint), ordered by node creation. A WireGuard key or backbone address already
 /// taken by an earlier server is skipped (the kernel would silently move the prefix). Pure.
@@ -117,6 +102,7 @@ pub fn backbone_peers(state: &State, me: &PublicKey) -> Vec<BackbonePeer> {
         .tree()
         .nodes()
         .filter(|n| n.kind == NodeKind::Server && n.owner.as_ref() != Some(me))
+        .filter(|n| n.owner.is_some_and(|o| state.is_active_server(&o)))
         .collect();
     servers.sort_by_key(|n| (n.created, n.id));
     let own_wg = own_server_node(state, me)
@@ -126,9 +112,6 @@ pub fn backbone_peers(state: &State, me: &PublicKey) -> Vec<BackbonePeer> {
     let mut addrs = std::collections::BTreeSet::new();
     let mut out = Vec::new();
     for n in servers {
-        if !is_active_server(state, &n.id) {
-            continue;
-        }
         let (Some(owner), Some(wg), Some(address)) =
             (n.owner, n.wg_pubkey, state.ipam().backbone_address(&n.id))
         else {
@@ -437,44 +420,50 @@ mod tests {
     use crate::hlc::Hlc;
     use crate::identity::NodeKey;
     use crate::op::Op;
-    use crate::tree::{Permissions, WgKey};
+    use crate::tree::WgKey;
     use proptest::prelude::*;
 
-    /// A state built by applying ops one by one, each from its own origin sequence.
+    /// A state built by applying ops one by one: the anchor's, and each server's own admission.
     struct World {
         state: State,
-        anchor: PublicKey,
+        anchor: NodeKey,
         seq: u64,
     }
 
     impl World {
         fn new() -> World {
-            let anchor = NodeKey::from_seed(&[200; 32]).public();
+            let anchor = NodeKey::from_seed(&[200; 32]);
             World {
-                state: State::new(anchor),
+                state: State::new(anchor.public()),
                 anchor,
                 seq: 0,
             }
         }
 
-        /// Applies `body` authored by the anchor; returns the (origin, seq) node id it would create.
-        fn apply(&mut self, body: OpBody) -> NodeId {
+        /// Applies `body` with `origin` as origin and author at the next HLC.
+        fn apply_from(&mut self, origin: PublicKey, body: OpBody) -> NodeId {
             self.seq += 1;
             let op = Op {
-                origin: self.anchor,
+                origin,
                 seq: self.seq,
                 hlc: Hlc {
                     wall_ms: 1_000 + self.seq,
                     logical: 0,
                 },
-                author: self.anchor,
+                author: origin,
                 body,
             };
             self.state.apply(&op).expect("applies");
-            NodeId::derive(&self.anchor, self.seq)
+            NodeId::derive(&origin, self.seq)
         }
 
-        /// Adds server `i`: node, admin grant, and optionally backbone address and endpoint.
+        /// Applies `body` authored by the anchor; returns the (origin, seq) node id it would create.
+        fn apply(&mut self, body: OpBody) -> NodeId {
+            self.apply_from(self.anchor.public(), body)
+        }
+
+        /// Adds server `i`: its node, its admission with an anchor-signed certificate, and
+        /// optionally its backbone address and endpoint.
         fn server(&mut self, i: u8, join: bool, endpoint: bool) -> (PublicKey, NodeId) {
             let key = NodeKey::from_seed(&[i; 32]).public();
             let node = self.apply(OpBody::Tree(TreeOp::Create {
@@ -484,11 +473,19 @@ mod tests {
                 owner: Some(key),
                 wg_pubkey: Some(WgKey([i; 32])),
             }));
-            self.apply(OpBody::Tree(TreeOp::Grant {
-                node: NodeId::ROOT,
+            let cert = crate::trust::seal_server_cert(
+                self.anchor.pair(),
+                &crate::trust::ServerCert {
+                    server: key,
+                    name: format!("srv{i}"),
+                    issued_at_ms: 1,
+                    expires_at_ms: 0,
+                },
+            );
+            self.apply_from(
                 key,
-                permissions: Permissions::ADMIN,
-            }));
+                OpBody::Trust(crate::trust::TrustOp::AdmitServer { cert }),
+            );
             if join {
                 self.apply(OpBody::Ipam(IpamOp::JoinBackbone { node }));
             }
@@ -501,11 +498,18 @@ mod tests {
             (key, node)
         }
 
+        /// Revokes server `key` with an anchor-signed revocation carried by the anchor.
         fn revoke(&mut self, key: PublicKey) {
-            self.apply(OpBody::Tree(TreeOp::Revoke {
-                node: NodeId::ROOT,
-                key,
-                permissions: Permissions::ADMIN,
+            let revocation = crate::trust::seal_revocation(
+                self.anchor.pair(),
+                &crate::trust::Revocation {
+                    server: key,
+                    issued_at_ms: 2,
+                    reason: "test".into(),
+                },
+            );
+            self.apply(OpBody::Trust(crate::trust::TrustOp::RevokeServer {
+                revocation,
             }));
         }
     }

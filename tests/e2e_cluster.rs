@@ -47,41 +47,74 @@ use lemonade_nexus::keys::PublicKey;
 use lemonade_nexus::op::{Op, OpBody};
 use lemonade_nexus::server::Backend;
 use lemonade_nexus::state::State;
-use lemonade_nexus::tree::{NodeField, NodeId, NodeKind, Permissions, TreeOp, WgKey};
+use lemonade_nexus::tree::{NodeField, NodeId, NodeKind, TreeOp, WgKey};
+use lemonade_nexus::trust;
 use lemonade_nexus_netlink::BackendPreference;
 use lemonade_nexus_netlink::model::PrivateKey;
 
 /// A state written by the cluster root, op by op (the fold is what every server computes).
 struct RootLog {
     state: State,
-    root: PublicKey,
+    root: NodeKey,
     seq: u64,
 }
 
 impl RootLog {
     fn new() -> RootLog {
-        let root = NodeKey::from_seed(&[250; 32]).public();
+        let root = NodeKey::from_seed(&[250; 32]);
         RootLog {
-            state: State::new(root),
+            state: State::new(root.public()),
             root,
             seq: 0,
         }
     }
 
-    fn apply(&mut self, body: OpBody) -> NodeId {
+    /// Folds `body` with `origin` as origin and author; returns the node id it would create.
+    fn apply_from(&mut self, origin: PublicKey, body: OpBody) -> NodeId {
         self.seq += 1;
         let op = Op {
-            origin: self.root,
+            origin,
             seq: self.seq,
             hlc: Hlc {
                 wall_ms: 1_000 + self.seq,
                 logical: 0,
             },
-            author: self.root,
+            author: origin,
             body,
         };
         self.state.apply(&op).expect("op applies");
-        NodeId::derive(&self.root, self.seq)
+        NodeId::derive(&origin, self.seq)
+    }
+
+    fn apply(&mut self, body: OpBody) -> NodeId {
+        self.apply_from(self.root.public(), body)
+    }
+
+    /// Server `key` admits itself with a root-signed certificate (its first op at start-up).
+    fn admit(&mut self, key: PublicKey, name: &str) {
+        let cert = trust::seal_server_cert(
+            self.root.pair(),
+            &trust::ServerCert {
+                server: key,
+                name: name.to_owned(),
+                issued_at_ms: 1,
+                expires_at_ms: 0,
+            },
+        );
+        self.apply_from(key, OpBody::Trust(trust::TrustOp::AdmitServer { cert }));
+    }
+
+    /// The root revokes server `key` (its grants go, its node leaves the backbone).
+    fn revoke(&mut self, key: PublicKey) {
+        let revocation = trust::seal_revocation(
+            self.root.pair(),
+            &trust::Revocation {
+                server: key,
+                issued_at_ms: 2,
+                reason: "test".into(),
+            },
+        );
+        self.apply(OpBody::Trust(trust::TrustOp::RevokeServer { revocation }));
     }
 }
 
@@ -146,11 +179,7 @@ fn backbone_full_mesh_and_revocation() {
             owner: Some(key),
             wg_pubkey: Some(WgKey(wg.public())),
         }));
-        log.apply(OpBody::Tree(TreeOp::Grant {
-            node: NodeId::ROOT,
-            key,
-            permissions: Permissions::ADMIN,
-        }));
+        log.admit(key, &format!("srv{i}"));
         log.apply(OpBody::Ipam(IpamOp::JoinBackbone { node }));
         log.apply(OpBody::Tree(TreeOp::Update {
             node,
@@ -200,17 +229,12 @@ fn backbone_full_mesh_and_revocation() {
         }
     }
 
-    // The root revokes server 3 (what the trust fold does: its grants go, its node leaves the
-    // backbone). The others drop it at their next reconcile.
+    // The root revokes server 3 (the trust fold removes its grants and its backbone address).
+    // The others drop it at their next reconcile.
     let s3 = &servers[2];
     let addr3 = addr(s3);
-    let node3 = backbone::own_server_node(&log.state, &s3.key).expect("node");
-    log.apply(OpBody::Tree(TreeOp::Revoke {
-        node: NodeId::ROOT,
-        key: s3.key,
-        permissions: Permissions::ADMIN,
-    }));
-    log.apply(OpBody::Ipam(IpamOp::LeaveBackbone { node: node3 }));
+    log.revoke(s3.key);
+    assert_eq!(backbone::own_address(&log.state, &s3.key), None);
     for s in &servers[..2] {
         s.reconcile(&log.state);
         let peers = s.peers();
