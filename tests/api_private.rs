@@ -193,41 +193,10 @@ async fn every_private_route_answers_every_role_as_its_permissions_say() {
     let state = api_state(dir.path(), Registration::Open);
     let (public, private) = apps!(state);
 
-    let a = joined(&public, 2, None).await; // the group owner (its own group under open registration)
-    let c = joined(&public, 4, None).await; // another customer's device
-    let admin = admin_token(&public).await;
-    let server = NodeKey::from_seed(&SERVER_SEED);
-    let claims = TokenClaims {
-        subject: NodeKey::from_seed(&[2; 32]).public(),
-        node: Some(lemonade_nexus::tree::NodeId(
-            hex::decode(&a.node_id)
-                .expect("hex")
-                .try_into()
-                .expect("16"),
-        )),
-        cluster: state.root,
-    };
-    let expired = auth::issue_token(server.pair(), &claims, now() - 2 * auth::TOKEN_TTL_MS, 1);
-    let stranger = NodeKey::from_seed(&[77; 32]);
-    let foreign = auth::issue_token(
-        stranger.pair(),
-        &TokenClaims {
-            cluster: stranger.public(),
-            ..claims.clone()
-        },
-        now(),
-        2,
-    );
-    let token = |r: Role| -> Option<String> {
-        match r {
-            Admin => Some(admin.clone()),
-            Owner => Some(a.token.clone()),
-            Other => Some(c.token.clone()),
-            NoToken => None,
-            Expired => Some(expired.clone()),
-            Foreign => Some(foreign.clone()),
-        }
-    };
+    // The owner (device 2, its own group under open registration) and another customer's device.
+    let tokens = Tokens::new(&public, &state).await;
+    let (a, c, admin) = (&tokens.owner, &tokens.other, &tokens.admin);
+    let token = |r: Role| tokens.of(r);
     let unauth = |r: Role| matches!(r, NoToken | Expired | Foreign);
     let g = a.group_id.clone();
 
