@@ -322,7 +322,7 @@ async fn every_private_route_answers_every_role_as_its_permissions_say() {
         &private,
         Method::GET,
         &format!("/api/tree/{target}"),
-        Some(&admin),
+        Some(admin),
         None,
     )
     .await;
@@ -331,7 +331,7 @@ async fn every_private_route_answers_every_role_as_its_permissions_say() {
         &private,
         Method::DELETE,
         &format!("/api/tree/{}", created[0].1),
-        Some(&admin),
+        Some(admin),
         None,
     )
     .await;
@@ -373,7 +373,7 @@ async fn every_private_route_answers_every_role_as_its_permissions_say() {
         &private,
         Method::GET,
         &format!("/api/tree/{}", a.node_id),
-        Some(&admin),
+        Some(admin),
         None,
     )
     .await;
@@ -450,9 +450,9 @@ async fn every_private_route_answers_every_role_as_its_permissions_say() {
     assert_eq!(v["peers"][0]["endpoint"], "198.51.100.2:51820");
 
     // Unknown routes and bad ids are JSON 4xx too.
-    let (s, v) = call(&private, Method::GET, "/api/nope", Some(&admin), None).await;
+    let (s, v) = call(&private, Method::GET, "/api/nope", Some(admin), None).await;
     assert_eq!((s, code(&v)), (StatusCode::NOT_FOUND, "not_found"));
-    let (s, v) = call(&private, Method::GET, "/api/tree/zz", Some(&admin), None).await;
+    let (s, v) = call(&private, Method::GET, "/api/tree/zz", Some(admin), None).await;
     assert_eq!((s, code(&v)), (StatusCode::BAD_REQUEST, "bad_node_id"));
     let (s, v) = call(&private, Method::GET, "/api/tree", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
