@@ -177,10 +177,8 @@ fn config_value(cfg: &Config, key: &str) -> String {
 
 fn init_logging(filter: &str) {
     // Already validated by the config loader; logs go to stderr so stdout stays machine-readable.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .try_init();
+    use tracing_subscriber::util::SubscriberInitExt;
+    let _ = crate::api::http_log::subscriber(filter).try_init();
 }
 
 fn write_json<T: Serialize>(out: &mut dyn std::io::Write, v: &T) -> Result<()> {

@@ -150,6 +150,11 @@ impl Challenges {
         Ok(())
     }
 
+    /// The expiry of the outstanding challenge `nonce`, if there is one.
+    pub fn expiry_of(&self, nonce: &[u8; 32]) -> Option<u64> {
+        self.pending.get(nonce).map(|p| p.expires_ms)
+    }
+
     pub fn len(&self) -> usize {
         self.pending.len()
     }
@@ -194,9 +199,17 @@ pub fn check_proof(
     let payload: AuthPayload = signed::from_cbor_canonical(&env.payload)
         .map_err(|e| AuthError::BadProof(e.to_string()))?;
     // Redeem first (single use even when the rest fails), then the remaining checks.
+    let expiry = challenges.expiry_of(&payload.challenge);
     challenges.redeem(&payload.challenge, &env.signer, now_ms)?;
     if payload.server != *server {
         return Err(AuthError::WrongServer);
+    }
+    // The header rules of data-schema/api-auth.cddl: nonce 0, the challenge's expiry, and
+    // signed no later than that.
+    if env.nonce != 0 || Some(env.expires_at_ms) != expiry || env.issued_at_ms > env.expires_at_ms {
+        return Err(AuthError::BadProof(
+            "the proof header must carry nonce 0 and the challenge's expiry".into(),
+        ));
     }
     Ok(env.signer)
 }
@@ -355,6 +368,51 @@ mod tests {
         ));
     }
 
+    /// The CDDL's header rules for a proof: nonce 0 and the challenge's expiry, nothing else.
+    #[test]
+    fn a_proof_with_another_nonce_or_expiry_is_refused() {
+        let (server, client) = (key(1), key(2));
+        let mut ch = Challenges::new();
+        let forged = |c: &Challenge, nonce: u64, expires_at_ms: u64| {
+            let payload = AuthPayload {
+                challenge: c.nonce,
+                server: server.public(),
+            };
+            let header = Header {
+                tag: TAG_AUTH,
+                issued_at_ms: 0,
+                expires_at_ms,
+                nonce,
+            };
+            STANDARD.encode(signed::seal(
+                client.pair(),
+                &header,
+                &signed::to_cbor(&payload),
+            ))
+        };
+        for (i, (nonce, later)) in [(1, 0), (u64::MAX, 0), (0, 1), (0, 1_000_000)]
+            .into_iter()
+            .enumerate()
+        {
+            let c = ch.issue(client.public(), [i as u8; 32], 0).expect("issue");
+            let proof = forged(&c, nonce, c.expires_ms + later);
+            assert!(
+                matches!(
+                    check_proof(&mut ch, &proof, &server.public(), 1),
+                    Err(AuthError::BadProof(_))
+                ),
+                "nonce {nonce}, expiry +{later}"
+            );
+            assert!(ch.is_empty(), "the attempt consumed the challenge");
+        }
+        let c = ch.issue(client.public(), [9; 32], 0).expect("issue");
+        let proof = forged(&c, 0, c.expires_ms);
+        assert_eq!(
+            check_proof(&mut ch, &proof, &server.public(), 1),
+            Ok(client.public())
+        );
+    }
+
     #[test]
     fn pending_challenges_are_capped() {
         let mut ch = Challenges::with_cap(2);
@@ -417,6 +475,8 @@ use super::{ApiError, ApiState};
 #[serde(deny_unknown_fields)]
 pub struct ChallengeRequest {
     /// The client's Ed25519 public key, base64.
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub pubkey: String,
 }
 
@@ -424,11 +484,15 @@ pub struct ChallengeRequest {
 #[derive(Serialize, Deserialize, Debug, Clone, utoipa::ToSchema)]
 pub struct ChallengeResponse {
     /// 32 random bytes, base64.
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub challenge: String,
     pub expires_at_ms: u64,
     /// The tag the proof envelope must carry.
     pub domain: String,
     /// The server's identity key (base64): the proof's `server` field.
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub server_key: String,
 }
 
@@ -452,14 +516,20 @@ impl ChallengeResponse {
 #[serde(deny_unknown_fields)]
 pub struct AuthRequest {
     /// The proof envelope (base64), see [`make_proof`].
+    /// Standard base64 with padding (RFC 4648 §4) of the signed envelope bytes (at most 64 KiB).
+    #[schema(pattern = "^[A-Za-z0-9+/]*={0,2}$")]
     pub proof: String,
 }
 
 /// `POST /api/auth` answer.
 #[derive(Serialize, Deserialize, Debug, Clone, utoipa::ToSchema)]
 pub struct AuthResponse {
+    /// Base64url without padding (RFC 4648 §5) of the token envelope (about 300 characters).
+    #[schema(pattern = "^[A-Za-z0-9_-]+$")]
     pub token: String,
     pub expires_at_ms: u64,
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub subject: String,
     /// The caller's endpoint node, if it has joined.
     pub node_id: Option<String>,

@@ -12,8 +12,12 @@ pub struct Health {
     pub service: &'static str,
     pub version: &'static str,
     /// The server's Ed25519 identity key (base64).
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub server_key: String,
     /// The cluster's trust anchor (base64).
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub cluster_root: String,
     /// Hex SHA-256 of the replicated state: equal on every server holding the same ops.
     pub state_hash: String,

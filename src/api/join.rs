@@ -414,8 +414,12 @@ pub const PEER_SYNC_TIMEOUT: Duration = Duration::from_secs(5);
 #[serde(deny_unknown_fields)]
 pub struct JoinBody {
     /// Proof of possession of the device key over a fresh challenge (see `auth`).
+    /// Standard base64 with padding (RFC 4648 §4) of the signed envelope bytes (at most 64 KiB).
+    #[schema(pattern = "^[A-Za-z0-9+/]*={0,2}$")]
     pub proof: String,
     /// The device's WireGuard (X25519) public key, base64.
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub wg_pubkey: String,
     /// A DNS label for the device.
     pub hostname: Option<String>,
@@ -427,6 +431,8 @@ pub struct JoinBody {
 /// `POST /api/join` answer: everything the client needs to bring its tunnel up.
 #[derive(Serialize, Deserialize, Debug, Clone, utoipa::ToSchema)]
 pub struct JoinResponse {
+    /// Base64url without padding (RFC 4648 §5) of the token envelope (about 300 characters).
+    #[schema(pattern = "^[A-Za-z0-9_-]+$")]
     pub token: String,
     pub token_expires_at_ms: u64,
     pub node_id: String,
@@ -437,6 +443,8 @@ pub struct JoinResponse {
     pub tunnel_ipv6: String,
     /// The device's interface addresses (`/32` and `/128`).
     pub addresses: Vec<String>,
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub server_wg_pubkey: String,
     /// `host:port` of the server's client-plane WireGuard socket.
     pub server_wg_endpoint: String,

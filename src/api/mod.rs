@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod client;
 pub mod health;
+pub mod http_log;
 pub mod join;
 pub mod observed;
 pub mod private;
@@ -348,7 +349,8 @@ pub fn json_config() -> web::JsonConfig {
         })
 }
 
-async fn not_found() -> Result<HttpResponse, ApiError> {
+/// The answer to a request no route matches (an unknown path, a wrong method, the `*` target).
+pub async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
@@ -372,9 +374,63 @@ async fn not_found() -> Result<HttpResponse, ApiError> {
         join::post_join,
         trust::post_revocation
     ),
-    components(schemas(ErrorBody, ErrorDetail))
+    components(schemas(ErrorBody, ErrorDetail)),
+    modifiers(&CommonResponses)
 )]
 pub struct PublicApiDoc;
+
+/// Adds to every operation the answers the HTTP layer gives before its handler runs (the rate
+/// limiter's 429; for a route with a body, the JSON extractor's 400, 413 and 415; for a route
+/// with a path parameter, the path's 400; for a route that needs a token, the 401), so the
+/// documents list every answer a route can give. Answers a route documents itself are kept.
+pub struct CommonResponses;
+
+impl CommonResponses {
+    fn add(op: &mut utoipa::openapi::path::Operation) {
+        let mut add = |status: &str, what: &str| {
+            let error = utoipa::openapi::ContentBuilder::new()
+                .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                .build();
+            let r = utoipa::openapi::ResponseBuilder::new()
+                .description(what)
+                .content("application/json", error)
+                .build();
+            op.responses
+                .responses
+                .entry(status.into())
+                .or_insert(r.into());
+        };
+        add("429", "Too many requests from this address (rate limit)");
+        if op.request_body.is_some() {
+            add("400", "Malformed JSON body, or a field out of range");
+            add("413", "Body larger than 16 KiB");
+            add("415", "Body not sent as Content-Type: application/json");
+        }
+        if op.parameters.as_ref().is_some_and(|p| !p.is_empty()) {
+            add("400", "Malformed path or query parameter");
+        }
+        if op.security.is_some() {
+            add("401", "Missing, expired or foreign token");
+        }
+    }
+}
+
+impl utoipa::Modify for CommonResponses {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        for item in doc.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ];
+            for op in ops.into_iter().flatten() {
+                Self::add(op);
+            }
+        }
+    }
+}
 
 /// The document as pretty JSON (what is committed).
 pub fn openapi_document() -> String {
@@ -396,6 +452,8 @@ pub fn public(state: Arc<ApiState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         cfg.app_data(web::Data::from(state))
             .app_data(json_config())
+            // Outside every scope too (`OPTIONS *` matches no scope), so no answer is bare.
+            .default_service(web::to(not_found))
             .service(
                 // One scope so every route, the unknown ones too, passes the rate limiter.
                 web::scope("")

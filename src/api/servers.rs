@@ -13,9 +13,13 @@ use crate::tree::NodeKind;
 #[derive(Serialize, Deserialize, Debug, Clone, utoipa::ToSchema)]
 pub struct ServerInfo {
     /// The server's Ed25519 identity key (base64).
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub server_key: String,
     pub hostname: String,
     /// Its client-plane WireGuard key (base64), if known.
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub wg_pubkey: Option<String>,
     /// `host:port` of its public API, when known (this server's own).
     pub api_endpoint: Option<String>,

@@ -16,6 +16,8 @@ use crate::trust::{self, TrustOp};
 #[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct RevocationAccepted {
     /// The revoked server's key (base64).
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub server: String,
     /// `revoked` (appended now) or `already_revoked` (the cluster already folded it).
     pub status: String,

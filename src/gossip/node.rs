@@ -191,6 +191,8 @@ pub struct NodeConfig {
 /// One server as this one sees it.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct PeerView {
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub key: String,
     pub addr: String,
     pub status: PeerStatus,

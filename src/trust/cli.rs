@@ -105,6 +105,8 @@ pub struct RevokeArgs {
 #[derive(serde::Serialize, serde::Deserialize, Debug, utoipa::ToSchema)]
 pub struct RevocationBody {
     /// Base64 of the revocation envelope signed by the cluster root (`revoke-server --out`).
+    /// Standard base64 with padding (RFC 4648 §4) of the signed envelope bytes (at most 64 KiB).
+    #[schema(pattern = "^[A-Za-z0-9+/]*={0,2}$")]
     pub revocation: String,
 }
 

@@ -31,6 +31,8 @@ pub struct LinkTokenBody {
 #[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct LinkTokenResponse {
     /// The secret: shown once; redeem it as `setup_key` in `POST /api/join`. Single use.
+    /// `lnsk_` then base64url without padding (RFC 4648 §5) of 32 random bytes: 48 characters.
+    #[schema(pattern = "^lnsk_[A-Za-z0-9_-]{43}$")]
     pub link_token: String,
     pub group_id: String,
     pub expires_at_ms: u64,

@@ -20,6 +20,8 @@ use crate::tree::{NodeId, NodeKind, Permission};
 pub struct Peer {
     pub node_id: String,
     pub hostname: String,
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub wg_pubkey: String,
     /// Where to send to it: the server-observed endpoint if recorded, else the reported one.
     pub endpoint: Option<String>,
@@ -103,6 +105,8 @@ pub struct StatusQuery {
 pub struct DeviceStatus {
     pub node_id: String,
     pub hostname: String,
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub wg_pubkey: Option<String>,
     pub tunnel_ipv4: Option<String>,
     pub tunnel_ipv6: Option<String>,

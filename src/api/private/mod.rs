@@ -42,7 +42,7 @@ use actix_web::http::StatusCode;
 use actix_web::{FromRequest, HttpRequest, web};
 
 use super::auth::{self, TokenClaims};
-use super::{ApiError, ApiState};
+use super::{ApiError, ApiState, CommonResponses};
 use crate::authz::{self, Denied};
 use crate::op::OpBody;
 use crate::store::Submitted;
@@ -192,7 +192,7 @@ impl utoipa::Modify for BearerScheme {
         ops::post
     ),
     components(schemas(super::ErrorBody, super::ErrorDetail)),
-    modifiers(&BearerScheme)
+    modifiers(&BearerScheme, &CommonResponses)
 )]
 pub struct PrivateApiDoc;
 
@@ -217,6 +217,7 @@ pub fn routes(state: Arc<ApiState>) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         cfg.app_data(web::Data::from(state))
             .app_data(super::json_config())
+            .default_service(web::to(not_found))
             .app_data(
                 web::QueryConfig::default()
                     .error_handler(|e, _| ApiError::bad_request("bad_query", e.to_string()).into()),

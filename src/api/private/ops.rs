@@ -36,6 +36,8 @@ pub const MAX_SKEW_MS: u64 = 30_000;
 #[serde(deny_unknown_fields)]
 pub struct SubmitBody {
     /// The signed request (`op::seal_request` bytes), base64 (standard alphabet).
+    /// Standard base64 with padding (RFC 4648 §4) of the signed envelope bytes (at most 64 KiB).
+    #[schema(pattern = "^[A-Za-z0-9+/]*={0,2}$")]
     pub request: String,
 }
 
@@ -44,6 +46,8 @@ pub struct SubmitResponse {
     /// The op's seq in this server's log.
     pub seq: u64,
     /// The author (the token's subject).
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub author: String,
 }
 

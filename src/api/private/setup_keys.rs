@@ -204,6 +204,8 @@ pub struct CreateKeyBody {
 #[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct CreateKeyResponse {
     /// The secret: shown once, never stored.
+    /// `lnsk_` then base64url without padding (RFC 4648 §5) of 32 random bytes: 48 characters.
+    #[schema(pattern = "^lnsk_[A-Za-z0-9_-]{43}$")]
     pub setup_key: String,
     pub group_id: String,
     pub reusable: bool,

@@ -24,7 +24,11 @@ pub struct NodeView {
     #[schema(value_type = String)]
     pub kind: NodeKind,
     pub hostname: String,
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub owner: Option<String>,
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub wg_pubkey: Option<String>,
     pub endpoint: Option<String>,
     pub metadata: BTreeMap<String, String>,
@@ -155,8 +159,12 @@ pub struct CreateBody {
     pub hostname: String,
     /// The node's owner key (base64). Naming another key than one's own needs admin on the
     /// parent: an owner is who a later join with that key lands as.
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub owner: Option<String>,
     /// WireGuard key (base64); needs admin on the parent, like `owner`.
+    /// Standard base64 with padding (RFC 4648 §4): 44 characters, 32 bytes.
+    #[schema(pattern = "^[A-Za-z0-9+/]{43}=$")]
     pub wg_pubkey: Option<String>,
 }
 
